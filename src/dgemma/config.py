@@ -1,0 +1,352 @@
+"""Configuration dataclasses: the model shape (from `config.json`) and the sampler settings
+(from `generation_config.json`).
+
+This is the only place where the Hugging Face JSON spelling is translated into our fields
+(`ModelConfig.from_hf_dict` / `to_hf_dict`, `GenerationConfig.from_hf_dict`). A config we write
+loads back in `transformers.DiffusionGemmaConfig` unchanged (tests/test_loading.py checks the
+round trip both ways).
+
+Conventions kept from transformers 5.24 (`DiffusionGemmaTextConfig.__post_init__`):
+- `layer_types` defaults to 5 sliding layers then 1 full layer, repeated; the last layer is forced
+  to `full_attention`.
+- Full-attention layers take `head_dim`/`num_key_value_heads` from `per_layer_config` (written by
+  transformers >= 5.11) or from `global_head_dim` (default 512) / `num_global_key_value_heads`.
+- Full layers share K and V (no `v_proj`).
+- Unset generation settings fall back to transformers' global defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+_SUPPORTED_ROPE = ("default", "proportional")
+_SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Attention geometry of one layer (sliding and full layers differ)."""
+
+    layer_type: str
+    head_dim: int
+    num_key_value_heads: int
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.layer_type == SLIDING
+
+
+@dataclass
+class ModelConfig:
+    """The DiffusionGemma text stack plus the few top-level fields the sampler needs."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2816
+    intermediate_size: int = 2112
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = 2
+    layer_types: list[str] | None = None
+    sliding_window: int = 1024
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict[str, dict[str, Any]] | None = None
+    final_logit_softcapping: float | None = 30.0
+    max_position_embeddings: int = 262_144
+    attention_bias: bool = False
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    canvas_length: int = 256
+    image_token_id: int | None = 258_880
+    boi_token_id: int | None = 255_999
+    eoi_token_id: int | None = 258_882
+    dtype: str = "bfloat16"
+    # Kept verbatim so a save writes back what was loaded (the vision tower is not built yet).
+    vision_config: dict[str, Any] | None = None
+    # Overrides from `per_layer_config`, keyed by layer index.
+    per_layer_overrides: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            self.layer_types = [
+                SLIDING if (i + 1) % 6 else FULL for i in range(self.num_hidden_layers)
+            ]
+        self.layer_types = list(self.layer_types)
+        if self.rope_parameters is None:
+            self.rope_parameters = {k: dict(v) for k, v in _DEFAULT_ROPE.items()}
+        self.validate()
+        if self.layer_types[-1] != FULL:
+            # transformers forces this too (with a warning); the checkpoint was trained that way.
+            self.layer_types[-1] = FULL
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid DiffusionGemma config: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "global_head_dim",
+                     "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size",
+                     "canvas_length"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(len(self.layer_types) == self.num_hidden_layers,
+             f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        need(not bad, f"unknown layer types {bad}; expected {list(LAYER_TYPES)}")
+        need(self.top_k_experts <= self.num_experts,
+             f"top_k_experts ({self.top_k_experts}) exceeds num_experts ({self.num_experts})")
+        need(self.hidden_activation in _SUPPORTED_ACTIVATIONS,
+             f"hidden_activation {self.hidden_activation!r} is not supported (only {_SUPPORTED_ACTIVATIONS})")
+        for layer_type in set(self.layer_types):
+            rope = self.rope_parameters.get(layer_type)
+            need(rope is not None, f"rope_parameters has no entry for {layer_type}")
+            need(rope.get("rope_type", "default") in _SUPPORTED_ROPE,
+                 f"rope_type {rope.get('rope_type')!r} for {layer_type} is not supported ({_SUPPORTED_ROPE})")
+            need("rope_theta" in rope, f"rope_parameters[{layer_type}] has no rope_theta")
+        for i in range(self.num_hidden_layers):
+            shape = self.layer_shape(i)
+            need(self.num_attention_heads % shape.num_key_value_heads == 0,
+                 f"layer {i}: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                 f"its num_key_value_heads ({shape.num_key_value_heads})")
+            need(shape.head_dim % 2 == 0, f"layer {i}: head_dim {shape.head_dim} must be even for RoPE")
+        need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
+
+    # -- derived ------------------------------------------------------------------------------
+    def layer_shape(self, layer_idx: int) -> LayerShape:
+        layer_type = self.layer_types[layer_idx]
+        if layer_type == SLIDING:
+            head_dim, kv_heads = self.head_dim, self.num_key_value_heads
+        else:
+            head_dim = self.global_head_dim
+            kv_heads = self.num_global_key_value_heads or self.num_key_value_heads
+        override = self.per_layer_overrides.get(layer_idx, {})
+        return LayerShape(layer_type, override.get("head_dim", head_dim),
+                          override.get("num_key_value_heads", kv_heads))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return _as_id_tuple(self.eos_token_id)
+
+    @property
+    def embed_scale(self) -> float:
+        return self.hidden_size**0.5
+
+    def num_parameters(self) -> int:
+        """Unique text-stack parameters (embedding counted once; it is tied to the head)."""
+        h, total = self.hidden_size, self.vocab_size * self.hidden_size + h
+        total += h + 3 * h * self.intermediate_size  # self-conditioning block
+        for i in range(self.num_hidden_layers):
+            s = self.layer_shape(i)
+            q, kv = self.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+            total += h * q + h * kv * (2 if s.is_sliding else 1) + q * h + 2 * s.head_dim
+            total += 3 * h * self.intermediate_size + 8 * h + self.num_experts + h * self.num_experts
+            total += self.num_experts * 3 * h * self.moe_intermediate_size + 1
+        return total
+
+    # -- Hugging Face JSON ---------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        model_type = data.get("model_type")
+        if model_type != "diffusion_gemma":
+            raise ValueError(
+                f"config.json has model_type {model_type!r}; dgemma loads DiffusionGemma checkpoints "
+                "(model_type 'diffusion_gemma')"
+            )
+        text = data.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError("config.json has no 'text_config' object")
+        if text.get("model_type", "diffusion_gemma_text") != "diffusion_gemma_text":
+            raise ValueError(f"text_config has model_type {text.get('model_type')!r}, expected 'diffusion_gemma_text'")
+        if text.get("use_bidirectional_attention") == "all":
+            raise ValueError("use_bidirectional_attention='all' (bidirectional encoder) is not supported; "
+                             "the released checkpoint uses 'vision'")
+        if data.get("tie_word_embeddings", True) is False or text.get("tie_word_embeddings", True) is False:
+            raise ValueError("tie_word_embeddings=false (separate encoder, decoder and head weights) is not supported")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in text.items() if k in known}
+        for key in ("canvas_length", "image_token_id", "boi_token_id", "eoi_token_id"):
+            if data.get(key) is not None:
+                kwargs[key] = data[key]
+        kwargs["dtype"] = _dtype_name(data.get("dtype") or data.get("torch_dtype") or text.get("dtype") or "bfloat16")
+        kwargs["vision_config"] = data.get("vision_config")
+        if "final_logit_softcapping" not in text:
+            kwargs["final_logit_softcapping"] = 30.0  # a class constant in transformers, never serialised
+        overrides: dict[int, dict[str, int]] = {}
+        for idx, override in (text.get("per_layer_config") or {}).items():
+            unknown = set(override) - {"head_dim", "num_key_value_heads"}
+            if unknown:
+                raise ValueError(f"per_layer_config[{idx}] sets unsupported fields {sorted(unknown)}")
+            overrides[int(idx)] = dict(override)
+        kwargs["per_layer_overrides"] = overrides
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        text = {
+            "model_type": "diffusion_gemma_text",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "layer_types": list(self.layer_types),
+            "sliding_window": self.sliding_window, "num_experts": self.num_experts,
+            "top_k_experts": self.top_k_experts, "moe_intermediate_size": self.moe_intermediate_size,
+            "hidden_activation": self.hidden_activation, "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": self.rope_parameters, "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias, "attention_dropout": 0.0,
+            "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "tie_word_embeddings": True,
+            "use_bidirectional_attention": "vision", "initializer_range": 0.02,
+            "per_layer_config": {
+                str(i): {"head_dim": s.head_dim, "num_key_value_heads": s.num_key_value_heads}
+                for i in range(self.num_hidden_layers) if not (s := self.layer_shape(i)).is_sliding
+            },
+        }
+        out: dict[str, Any] = {
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "model_type": "diffusion_gemma",
+            "canvas_length": self.canvas_length,
+            "image_token_id": self.image_token_id, "boi_token_id": self.boi_token_id,
+            "eoi_token_id": self.eoi_token_id, "tie_word_embeddings": True, "initializer_range": 0.02,
+            "dtype": self.dtype, "text_config": text,
+        }
+        if self.vision_config is not None:
+            out["vision_config"] = self.vision_config
+        return out
+
+
+@dataclass
+class GenerationConfig:
+    """Sampler settings. Field names follow `generation_config.json`; `entropy_bound` lives
+    there under `sampler_config`."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = 0
+
+    def __post_init__(self) -> None:
+        self.eos_token_ids = _as_id_tuple(self.eos_token_ids)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(_is_int(self.max_new_tokens) and self.max_new_tokens > 0,
+             f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        need(_is_int(self.max_denoising_steps) and self.max_denoising_steps > 0,
+             f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
+        need(_is_num(self.entropy_bound) and self.entropy_bound > 0,
+             f"entropy_bound must be > 0, got {self.entropy_bound!r}")
+        need(_is_num(self.t_min) and self.t_min >= 0, f"t_min must be >= 0, got {self.t_min!r}")
+        need(_is_num(self.t_max) and self.t_max > self.t_min,
+             f"t_max must be greater than t_min ({self.t_min}), got {self.t_max!r}")
+        need(_is_int(self.stability_threshold) and self.stability_threshold >= 0,
+             f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        need(_is_num(self.confidence_threshold) and self.confidence_threshold >= 0,
+             f"confidence_threshold must be >= 0 (0 disables early stopping), got {self.confidence_threshold!r}")
+        need(all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
+             f"eos token ids must be non-negative integers, got {self.eos_token_ids!r}")
+        need(self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
+             f"pad_token_id must be a non-negative integer, got {self.pad_token_id!r}")
+
+    def temperature(self, step: int) -> float:
+        """Temperature at `step` remaining steps (N at the first step, 1 at the last)."""
+        return self.t_min + (self.t_max - self.t_min) * (step / self.max_denoising_steps)
+
+    def replace(self, **overrides: Any) -> GenerationConfig:
+        """A copy with the given fields changed; `None` values leave a field as it is."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown generation settings {sorted(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], model: ModelConfig | None = None) -> GenerationConfig:
+        """Unset (missing or null) fields take transformers' global defaults; EOS falls back to
+        the model config when the generation config names none."""
+        kwargs: dict[str, Any] = {}
+        for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max",
+                    "stability_threshold", "confidence_threshold", "pad_token_id"):
+            if data.get(key) is not None:
+                kwargs[key] = data[key]
+        sampler = data.get("sampler_config")
+        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+            kwargs["entropy_bound"] = sampler["entropy_bound"]
+        eos = data.get("eos_token_id")
+        if eos is None and model is not None:
+            eos = model.eos_token_id
+        kwargs["eos_token_ids"] = _as_id_tuple(eos)
+        if "pad_token_id" not in kwargs and model is not None:
+            kwargs["pad_token_id"] = model.pad_token_id
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "max_denoising_steps": self.max_denoising_steps,
+            "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": float(self.entropy_bound)},
+            "t_min": self.t_min, "t_max": self.t_max,
+            "stability_threshold": self.stability_threshold,
+            "confidence_threshold": float(self.confidence_threshold),
+            "eos_token_id": list(self.eos_token_ids), "pad_token_id": self.pad_token_id,
+            "return_dict_in_generate": True,
+        }
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "float": "float32", "torch.float32": "float32", "torch.bfloat16": "bfloat16",
+                  "torch.float16": "float16"}
+
+
+def _dtype_name(name: str) -> str:
+    name = _DTYPE_ALIASES.get(str(name), str(name))
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return name
+
+
+def parse_dtype(name: str) -> str:
+    """Validate a user-supplied dtype name (accepts fp32/bf16/fp16 aliases)."""
+    return _dtype_name(name)
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

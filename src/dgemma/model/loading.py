@@ -1,0 +1,312 @@
+"""Load and save DiffusionGemma checkpoints in the Hugging Face layout.
+
+Layout: `config.json`, `generation_config.json`, `model.safetensors` or sharded
+`model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`, tokenizer files beside them.
+
+Loading builds the model on the meta device and assigns tensors that are memory-mapped views of the
+shard files, so a bf16 checkpoint loaded as bf16 on CPU costs no second copy in RAM (only tensors
+that change dtype or device are materialised, one at a time). The safetensors header is parsed here
+so that truncated or inconsistent files give a clear `CheckpointError`; pickle formats are refused.
+
+Key accounting (every key in the checkpoint is either loaded, verified or reported):
+- `model.decoder.*`: the one text stack; every expected key must be present with the right shape.
+- `model.encoder.language_model.layers.{L}.layer_scalar`: duplicates of the decoder's; verified equal.
+- `lm_head.weight`, other `model.encoder.language_model.*`: tied duplicates; ignored, reported.
+- `model.encoder.vision_tower.*`, `model.encoder.embed_vision.*`: the vision tower (not built yet);
+  reported as unused.
+Anything else is an error. tests/test_loading.py covers each error and both round trips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dgemma.config import GenerationConfig, ModelConfig, parse_dtype
+from dgemma.model.modeling import DiffusionGemma
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+_VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_TIED_PREFIXES = ("model.encoder.language_model.", "lm_head.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says what to fix."""
+
+
+@dataclass
+class LoadReport:
+    directory: Path
+    loaded: int = 0
+    verified_layer_scalars: int = 0
+    tied_ignored: list[str] = field(default_factory=list)
+    unused_vision: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.loaded} tensors loaded", f"{self.verified_layer_scalars} encoder layer scalars verified"]
+        if self.tied_ignored:
+            parts.append(f"{len(self.tied_ignored)} tied duplicates ignored")
+        if self.unused_vision:
+            parts.append(f"{len(self.unused_vision)} vision-tower tensors not used (text-only model)")
+        return ", ".join(parts)
+
+
+# -- safetensors reading ---------------------------------------------------------------------------
+class _Shard:
+    """A memory-mapped safetensors file with a validated header."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                raw_len = f.read(8)
+                if len(raw_len) < 8:
+                    raise CheckpointError(f"{path.name}: file is truncated (no safetensors header)")
+                header_len = struct.unpack("<Q", raw_len)[0]
+                if header_len > size - 8 or header_len > 100_000_000:
+                    raise CheckpointError(f"{path.name}: file is truncated or not safetensors (header size {header_len})")
+                header = json.loads(f.read(header_len))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path.name}: cannot read safetensors header ({exc})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for key, info in header.items():
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{path.name}: tensor {key!r} has unknown dtype {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            if self.data_start + end > size:
+                raise CheckpointError(
+                    f"{path.name}: file is truncated ({size} bytes, tensor {key!r} needs {self.data_start + end}); "
+                    "re-download or re-save this shard")
+            self.entries[key] = (dtype, list(info["shape"]), begin, end)
+        self._map: mmap.mmap | None = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A zero-copy view into the mapped file (copy-on-write: the file is never modified)."""
+        dtype, shape, begin, end = self.entries[key]
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = memoryview(self._map)[self.data_start + begin:self.data_start + end]
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: no {path.name} ({what})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot parse {what} ({exc})") from None
+
+
+def _check_directory(directory: str | os.PathLike) -> Path:
+    path = Path(directory)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory (with config.json)")
+    return path
+
+
+def read_model_config(directory: str | os.PathLike) -> ModelConfig:
+    path = _check_directory(directory)
+    return ModelConfig.from_hf_dict(_read_json(path / "config.json", "the model config"))
+
+
+def read_generation_config(directory: str | os.PathLike, model_config: ModelConfig) -> GenerationConfig:
+    path = Path(directory) / "generation_config.json"
+    data = _read_json(path, "the generation config") if path.exists() else {}
+    try:
+        return GenerationConfig.from_hf_dict(data, model_config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _open_shards(path: Path) -> dict[str, _Shard]:
+    """Map every checkpoint key to the shard holding it."""
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = _read_json(index, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+    elif (path / SINGLE_FILE).exists():
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        pickles = [n for n in _PICKLE_FILES if (path / n).exists()]
+        hint = (f" (found {', '.join(pickles)}: pickle checkpoints are never loaded, convert them to safetensors)"
+                if pickles else "")
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    shards: dict[str, _Shard] = {}
+    for name in files:
+        if not (path / name).exists():
+            raise CheckpointError(f"{path}: shard {name} listed in {INDEX_FILE} is missing")
+        shards[name] = _Shard(path / name)
+    by_key: dict[str, _Shard] = {}
+    if weight_map is None:
+        by_key = dict.fromkeys(shards[SINGLE_FILE].entries, shards[SINGLE_FILE])
+    else:
+        for key, name in weight_map.items():
+            if key not in shards[name].entries:
+                raise CheckpointError(f"{path / name}: tensor {key!r} listed in {INDEX_FILE} is not in this shard")
+            by_key[key] = shards[name]
+    return by_key
+
+
+def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> tuple[DiffusionGemma, LoadReport]:
+    """Build the model on the meta device and fill it from the checkpoint in `directory`.
+
+    `dtype` defaults to the checkpoint's own dtype. Returns the model in eval mode and a report of
+    what was loaded, verified and left unused."""
+    path = _check_directory(directory)
+    config = read_model_config(path)
+    if dtype is None:
+        dtype = config.dtype
+    target = dtype if isinstance(dtype, torch.dtype) else getattr(torch, parse_dtype(dtype))
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise CheckpointError(f"invalid device {device!r}: {exc}") from None
+    by_key = _open_shards(path)
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    report = LoadReport(directory=path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in by_key]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, ref in expected.items():
+        src = by_key[key]
+        if list(src.entries[key][1]) != list(ref.shape):
+            raise CheckpointError(f"{src.path.name}: tensor {key!r} has shape {src.entries[key][1]}, "
+                                  f"config.json implies {list(ref.shape)}")
+        tensor = src.tensor(key)
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{src.path.name}: tensor {key!r} has non-float dtype {tensor.dtype}")
+        tensors[key] = tensor.to(device=device, dtype=target)
+    report.loaded = len(tensors)
+    _account_extra_keys(path, by_key, expected, tensors, report)
+    model.load_state_dict(tensors, assign=True, strict=True)
+    model.stack.reset_buffers(device)
+    model.requires_grad_(False)
+    if report.unused_vision:
+        log.warning("%s: vision tower present but not used (%d tensors); text-only generation",
+                    path, len(report.unused_vision))
+    log.info("%s: %s", path, report.summary())
+    return model.eval(), report
+
+
+def _account_extra_keys(path: Path, by_key: dict[str, _Shard], expected: dict, tensors: dict,
+                        report: LoadReport) -> None:
+    for key, shard in by_key.items():
+        if key in expected:
+            continue
+        match = _ENCODER_SCALAR.match(key)
+        if match:
+            twin = f"model.decoder.layers.{match.group(1)}.layer_scalar"
+            if twin not in tensors:
+                raise CheckpointError(f"{shard.path.name}: {key!r} has no decoder layer to match")
+            enc = shard.tensor(key).float()
+            if not torch.equal(enc.to(tensors[twin].device), tensors[twin].float()):
+                raise CheckpointError(f"{shard.path.name}: {key!r} = {enc.tolist()} differs from the decoder's "
+                                      f"{tensors[twin].float().tolist()}; the two stacks must share weights")
+            report.verified_layer_scalars += 1
+        elif key.startswith(_VISION_PREFIXES):
+            report.unused_vision.append(key)
+        elif key.startswith(_TIED_PREFIXES):
+            report.tied_ignored.append(key)
+        else:
+            raise CheckpointError(f"{shard.path.name}: unexpected tensor {key!r} (not a DiffusionGemma key)")
+
+
+# -- saving ----------------------------------------------------------------------------------------
+def save_model(model: DiffusionGemma, directory: str | os.PathLike, *,
+               generation_config: GenerationConfig | None = None, max_shard_bytes: int = 2 * 1024**3,
+               tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None) -> Path:
+    """Write `model` in the Hugging Face layout (loadable by transformers and by `load_model`).
+
+    The encoder's duplicate layer scalars are written as transformers expects. The vision tower is
+    not part of this model: a saved checkpoint is text-only (its config has no vision_config)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    dtype_name = parse_dtype(dtype) if dtype else _dtype_name_of(model.dtype)
+    target = getattr(torch, dtype_name)
+    state = {k: v.detach().to("cpu", target).contiguous() for k, v in model.state_dict().items()}
+    for i in range(config.num_hidden_layers):
+        state[f"model.encoder.language_model.layers.{i}.layer_scalar"] = state[f"model.decoder.layers.{i}.layer_scalar"].clone()
+    hf_config = config.to_hf_dict()
+    hf_config["dtype"] = dtype_name
+    if config.vision_config is not None:
+        log.warning("saving a text-only checkpoint: the vision tower is not carried over")
+        hf_config.pop("vision_config")
+    shards = _plan_shards(state, max_shard_bytes)
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(shards, 1):
+        name = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: state[k] for k in keys}, str(out / name), metadata={"format": "pt"})
+        for k in keys:
+            weight_map[k] = name
+            total += state[k].numel() * state[k].element_size()
+    stale = [p for p in out.glob("model*.safetensors") if p.name not in set(weight_map.values())]
+    for p in stale:
+        p.unlink()
+    if n > 1:
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True))
+    elif (out / INDEX_FILE).exists():
+        (out / INDEX_FILE).unlink()
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    gen = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids, pad_token_id=config.pad_token_id)
+    (out / "generation_config.json").write_text(json.dumps(gen.to_hf_dict(), indent=2))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists() and src.resolve() != (out / name).resolve():
+                (out / name).write_bytes(src.read_bytes())
+    return out
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _dtype_name_of(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
