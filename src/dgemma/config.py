@@ -149,18 +149,6 @@ class ModelConfig:
     def embed_scale(self) -> float:
         return self.hidden_size**0.5
 
-    def num_parameters(self) -> int:
-        """Unique text-stack parameters (embedding counted once; it is tied to the head)."""
-        h, total = self.hidden_size, self.vocab_size * self.hidden_size + h
-        total += h + 3 * h * self.intermediate_size  # self-conditioning block
-        for i in range(self.num_hidden_layers):
-            s = self.layer_shape(i)
-            q, kv = self.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
-            total += h * q + h * kv * (2 if s.is_sliding else 1) + q * h + 2 * s.head_dim
-            total += 3 * h * self.intermediate_size + 8 * h + self.num_experts + h * self.num_experts
-            total += self.num_experts * 3 * h * self.moe_intermediate_size + 1
-        return total
-
     # -- Hugging Face JSON ---------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:

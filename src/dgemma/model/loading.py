@@ -84,7 +84,8 @@ class _Shard:
                     raise CheckpointError(f"{path.name}: file is truncated (no safetensors header)")
                 header_len = struct.unpack("<Q", raw_len)[0]
                 if header_len > size - 8 or header_len > 100_000_000:
-                    raise CheckpointError(f"{path.name}: file is truncated or not safetensors (header size {header_len})")
+                    raise CheckpointError(
+                        f"{path.name}: file is truncated or not safetensors (header size {header_len})")
                 header = json.loads(f.read(header_len))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path.name}: cannot read safetensors header ({exc})") from None
@@ -233,10 +234,11 @@ def _account_extra_keys(path: Path, by_key: dict[str, _Shard], expected: dict, t
             twin = f"model.decoder.layers.{match.group(1)}.layer_scalar"
             if twin not in tensors:
                 raise CheckpointError(f"{shard.path.name}: {key!r} has no decoder layer to match")
-            enc = shard.tensor(key).float()
-            if not torch.equal(enc.to(tensors[twin].device), tensors[twin].float()):
+            dec = tensors[twin]
+            enc = shard.tensor(key).to(device=dec.device, dtype=dec.dtype)  # compared as loaded
+            if not torch.equal(enc, dec):
                 raise CheckpointError(f"{shard.path.name}: {key!r} = {enc.tolist()} differs from the decoder's "
-                                      f"{tensors[twin].float().tolist()}; the two stacks must share weights")
+                                      f"{dec.tolist()}; the two stacks must share weights")
             report.verified_layer_scalars += 1
         elif key.startswith(_VISION_PREFIXES):
             report.unused_vision.append(key)
@@ -261,7 +263,8 @@ def save_model(model: DiffusionGemma, directory: str | os.PathLike, *,
     target = getattr(torch, dtype_name)
     state = {k: v.detach().to("cpu", target).contiguous() for k, v in model.state_dict().items()}
     for i in range(config.num_hidden_layers):
-        state[f"model.encoder.language_model.layers.{i}.layer_scalar"] = state[f"model.decoder.layers.{i}.layer_scalar"].clone()
+        twin = state[f"model.decoder.layers.{i}.layer_scalar"]
+        state[f"model.encoder.language_model.layers.{i}.layer_scalar"] = twin.clone()
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = dtype_name
     if config.vision_config is not None:
@@ -273,6 +276,7 @@ def save_model(model: DiffusionGemma, directory: str | os.PathLike, *,
     for i, keys in enumerate(shards, 1):
         name = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         save_file({k: state[k] for k in keys}, str(out / name), metadata={"format": "pt"})
+        os.chmod(out / name, 0o644)
         for k in keys:
             weight_map[k] = name
             total += state[k].numel() * state[k].element_size()

@@ -79,7 +79,8 @@ def rope_inv_freq(config: ModelConfig, layer_type: str, head_dim: int) -> torch.
     return inv / float(params.get("factor", 1.0))
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (B, S, head_dim) in fp32, then cast to the activation dtype (as transformers does)."""
     freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -268,7 +269,8 @@ class DiffusionGemma(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config)
 
-    def encode(self, ids: torch.Tensor, cache: KVCache | None = None, *, return_hidden: bool = False) -> torch.Tensor | None:
+    def encode(self, ids: torch.Tensor, cache: KVCache | None = None, *,
+               return_hidden: bool = False) -> torch.Tensor | None:
         """Causal pass over `ids` (B, S) at positions cache.length.., appending K/V to `cache`.
         Returns the final-normed hidden states (B, S, H) when `return_hidden`, else None."""
         stack = self.stack

@@ -1,0 +1,179 @@
+"""Command line: `dgemma generate` and `dgemma random-checkpoint`.
+
+`dgemma generate --model DIR --prompt-ids 2,17,99 --max-new-tokens 40 --seed 3 --exact --json` is a
+stable scripting interface: it prints one JSON object with `token_ids` (generated ids only), `text`,
+`steps` (per canvas), `tokens_per_forward`, `seconds`, `finish_reason` and `canvases`.
+Every generation setting of `GenerationConfig` has a flag; unset flags keep the checkpoint's
+`generation_config.json` values. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dgemma.config import GenerationConfig, parse_dtype
+from dgemma.model.loading import CheckpointError, load_model, read_generation_config, save_model
+from dgemma.sampler.reference import generate
+from dgemma.tokenizer import Tokenizer, TokenizerError
+
+log = logging.getLogger("dgemma")
+
+# Flags that override generation_config.json, with their types.
+GENERATION_FLAGS = {
+    "max_new_tokens": int, "max_denoising_steps": int, "entropy_bound": float, "t_min": float, "t_max": float,
+    "confidence_threshold": float, "stability_threshold": int,
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    for name, typ in GENERATION_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                       help=f"override generation_config.json's {name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma block-diffusion language models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt", nargs="?", help="prompt text (chat template applied unless --raw)")
+    g.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    g.add_argument("--prompt-ids", help="comma-separated prompt token ids, used as given (no template)")
+    g.add_argument("--raw", action="store_true", help="encode the prompt as plain text, no chat template")
+    g.add_argument("--system", help="system message for the chat template")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--exact", action="store_true",
+                   help="reference sampler with transformers' random stream (token-identical to transformers)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    _add_generation_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (tests, benchmarks)")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--preset", default="tiny", help="tiny | released")
+    r.add_argument("--config", help="a config.json to take the shape from instead of a preset")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the preset's)")
+    r.add_argument("--max-shard-mb", type=int, default=2048)
+    r.set_defaults(func=cmd_random_checkpoint)
+    return parser
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UsageError("--prompt-ids is empty")
+    return ids
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[int]:
+    if args.prompt_ids is not None:
+        if args.prompt is not None:
+            raise UsageError("give either a prompt or --prompt-ids, not both")
+        return _parse_ids(args.prompt_ids)
+    if args.prompt is None:
+        raise UsageError("no prompt: pass text or --prompt-ids")
+    if tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer.json; pass --prompt-ids instead of text")
+    if args.raw:
+        return tokenizer.encode(args.prompt)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    return tokenizer.encode_chat(messages)
+
+
+def _generation_config(args: argparse.Namespace, base: GenerationConfig) -> GenerationConfig:
+    overrides = {name: getattr(args, name) for name in GENERATION_FLAGS}
+    return base.replace(**overrides)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    t0 = time.perf_counter()
+    model, _ = load_model(args.model, dtype=dtype, device=args.device)
+    tokenizer = Tokenizer.from_directory(args.model)
+    gen = _generation_config(args, read_generation_config(args.model, model.config))
+    ids = _prompt_ids(args, tokenizer)
+    if max(ids) >= model.config.vocab_size or min(ids) < 0:
+        raise UsageError(f"prompt token ids must lie in [0, {model.config.vocab_size})")
+    load_seconds = time.perf_counter() - t0
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    torch.manual_seed(seed)  # transformers draws from the global generator: same seed, same stream
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    result = generate(model, torch.tensor([ids], device=model.device), gen)
+    seconds = time.perf_counter() - t1
+    token_ids = result.token_ids[0]
+    text = tokenizer.decode(token_ids) if tokenizer is not None else None
+    steps = result.steps[0]
+    summary = {
+        "token_ids": token_ids, "text": text, "finish_reason": result.finish_reasons[0], "steps": steps,
+        "canvases": len(steps), "tokens_per_forward": result.tokens_per_forward[0],
+        "seconds": seconds, "tokens_per_second": len(token_ids) / seconds if seconds > 0 else None,
+        "seed": seed, "sampler": "reference", "prompt_tokens": len(ids), "load_seconds": load_seconds,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(text if text is not None else " ".join(map(str, token_ids)))
+    peak = (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device.startswith("cuda") else "")
+    print(f"[{len(token_ids)} tokens ({summary['finish_reason']}), {len(steps)} canvases, "
+          f"steps/canvas {sum(steps) / len(steps):.1f}, tokens/forward {summary['tokens_per_forward']:.2f}, "
+          f"{summary['tokens_per_second']:.1f} tokens/s, seed {seed}{peak}]", file=sys.stderr)
+    return 0
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from dgemma.config import ModelConfig
+    from dgemma.model.init import count_parameters, preset_config, random_model
+
+    if args.config:
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--config {args.config}: {exc}") from None
+        config = ModelConfig.from_hf_dict(data)
+    else:
+        config = preset_config(args.preset)
+    if args.dtype:
+        config.dtype = parse_dtype(args.dtype)
+    model = random_model(config, seed=args.seed)
+    gen = GenerationConfig(eos_token_ids=config.eos_token_ids, pad_token_id=config.pad_token_id)
+    out = save_model(model, args.out, generation_config=gen, max_shard_bytes=args.max_shard_mb * 2**20)
+    print(f"wrote {out} ({count_parameters(config) / 1e6:.2f}M parameters, {config.dtype})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (UsageError, CheckpointError, TokenizerError, ValueError) as exc:
+        print(f"dgemma: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

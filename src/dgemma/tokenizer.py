@@ -1,0 +1,115 @@
+"""Tokenizer and chat template read from a checkpoint directory, without transformers.
+
+Files: `tokenizer.json` (the `tokenizers` library format), the chat template from
+`chat_template.jinja`, `chat_template.json` or `tokenizer_config.json["chat_template"]`, and special
+token names from `tokenizer_config.json`. The template is rendered in a sandboxed Jinja environment
+with the variables transformers passes (`messages`, `add_generation_prompt`, `bos_token`,
+`eos_token`, `raise_exception`), and the rendered text is encoded without adding special tokens, as
+`apply_chat_template(tokenize=True)` does. tests/test_tokenizer.py compares with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot be used; the message says which."""
+
+
+def _token_name(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any], chat_template: str | None) -> None:
+        self._tok = tokenizer
+        self.config = config
+        self.chat_template = chat_template
+        self.bos_token = _token_name(config.get("bos_token"))
+        self.eos_token = _token_name(config.get("eos_token"))
+        self.pad_token = _token_name(config.get("pad_token"))
+        self._template = None
+        if chat_template is not None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = _raise_template_error
+            env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+            try:
+                self._template = env.from_string(chat_template)
+            except TemplateError as exc:
+                raise TokenizerError(f"chat template does not parse: {exc}") from None
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike) -> Tokenizer | None:
+        """The tokenizer of a checkpoint, or None when it has no `tokenizer.json`."""
+        path = Path(directory)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.exists():
+            return None
+        try:
+            tok = _HFTokenizer.from_file(str(tok_file))
+        except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+            raise TokenizerError(f"{tok_file}: cannot load ({exc})") from None
+        config = _read_json(path / "tokenizer_config.json")
+        template = None
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        elif (path / "chat_template.json").exists():
+            template = _read_json(path / "chat_template.json").get("chat_template")
+        else:
+            template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default")
+        return cls(tok, config, template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise TokenizerError("this checkpoint has no chat template; pass plain text (--raw) instead")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be an object with 'role' and 'content'")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as exc:
+            raise TokenizerError(f"chat template failed: {exc}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{path}: cannot parse ({exc})") from None
