@@ -183,9 +183,12 @@ class DecoderLayer(nn.Module):
         routed = self.post_feedforward_layernorm_2(routed)
         return residual + self.post_feedforward_layernorm(dense + routed)
 
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Everything after attention: residual add, FFN branches, layer scalar."""
+        return self.feed_forward(x + self.post_attention_layernorm(attn_out)) * self.layer_scalar
+
     def forward(self, x: torch.Tensor, attn_out_fn) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(attn_out_fn(self.input_layernorm(x)))
-        return self.feed_forward(x) * self.layer_scalar
+        return self.finish(x, attn_out_fn(self.input_layernorm(x)))
 
 
 class SelfConditioning(nn.Module):

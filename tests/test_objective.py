@@ -1,0 +1,115 @@
+"""Training objective: masks vs a dense reference, joint pass vs inference path, corruption stats."""
+
+import pytest
+import torch
+
+from dgemma.model.init import preset_config, random_model
+from dgemma.train.objective import Batch, corrupt, decoder_mask, encoder_mask, joint_forward, objective
+
+
+def _dense_decoder_mask(prompt_lens, resp_lens, s, r, c, w, sliding):
+    b = len(prompt_lens)
+    m = torch.zeros(b, r, s + r, dtype=torch.bool)
+    for i in range(b):
+        for j in range(r):
+            start = prompt_lens[i] + c * (j // c)
+            if j >= resp_lens[i]:
+                m[i, j, s + j] = True
+                continue
+            for k in range(s):
+                m[i, j, k] = k < start and (not sliding or k >= start - (w - 1))
+            for k in range(r):
+                m[i, j, s + k] = k // c == j // c and k < resp_lens[i]
+    return m
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_decoder_mask_matches_dense_reference(sliding):
+    prompt_lens, resp_lens, c, w = [3, 7, 1], [8, 4, 12], 4, 6
+    s = max(p + q for p, q in zip(prompt_lens, resp_lens, strict=True))
+    got = decoder_mask(torch.tensor(prompt_lens), torch.tensor(resp_lens), s, 12, c, w, sliding)[:, 0]
+    assert torch.equal(got, _dense_decoder_mask(prompt_lens, resp_lens, s, 12, c, w, sliding))
+    # no canvas sees a later clean token or another noisy canvas (no leak of the answer)
+    assert not got[0, 4:8, 3 + 4:s].any()
+
+
+def test_encoder_mask_is_causal_and_windowed():
+    valid = torch.tensor([[True] * 6 + [False] * 2])
+    m = encoder_mask(valid, 3, True)[0, 0]
+    for q in range(6):
+        assert m[q].nonzero().flatten().tolist() == list(range(max(0, q - 2), q + 1))
+
+
+def test_joint_pass_equals_inference_path():
+    config = preset_config("tiny", canvas_length=4, sliding_window=6)
+    model = random_model(config, seed=1)
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    prompt = torch.tensor([5, 6, 7, 8, 9])
+    response = torch.tensor([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21])  # 3 canvases
+    clean = torch.cat([prompt, response])[None]
+    batch = Batch(clean=clean, prompt_lens=torch.tensor([5]), resp_lens=torch.tensor([12]))
+    noisy = torch.randint(0, config.vocab_size, (1, 12))
+    sc = torch.randn(1, 12, config.vocab_size)
+    enc_logits, dec_logits = joint_forward(model, batch, noisy, sc, None, pad_id=0)
+    cache = model.new_cache()
+    hidden = model.encode(prompt[None], cache, return_hidden=True)
+    torch.testing.assert_close(enc_logits[:, :5], model.logits(hidden), atol=1e-5, rtol=1e-5)
+    for blk in range(3):
+        sl = slice(4 * blk, 4 * blk + 4)
+        ref = model.denoise(noisy[:, sl], cache, sc[:, sl])
+        torch.testing.assert_close(dec_logits[:, sl], ref, atol=1e-5, rtol=1e-5)
+        model.encode(response[None, sl], cache)  # commit the clean canvas, as generation would
+
+
+def test_corruption_rate():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(4, 20000, dtype=torch.long)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    noisy, replaced = corrupt(tokens, t, 1000, g)
+    rates = replaced.float().mean(1)
+    assert torch.allclose(rates, t, atol=0.015)
+    assert torch.equal(noisy[0], tokens[0])
+    counts = torch.bincount(noisy[3], minlength=1000).float()
+    assert counts.std() / counts.mean() < 0.35  # roughly uniform over the vocabulary
+
+
+def _tiny_batch(config):
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randint(3, config.vocab_size, (2, 14), generator=g)
+    return Batch(clean=clean, prompt_lens=torch.tensor([6, 2]), resp_lens=torch.tensor([8, 12]))
+
+
+def test_self_conditioning_pass_one_has_no_gradient():
+    config = preset_config("tiny", canvas_length=4)
+    model = random_model(config, seed=2).train().requires_grad_(True)
+    batch = _tiny_batch(config)
+    seen = []
+    original = joint_forward.__globals__["joint_forward"]
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append((torch.is_grad_enabled(), args[3] is not None))
+        return out
+
+    joint_forward.__globals__["joint_forward"] = spy
+    try:
+        loss = objective(model, batch, torch.Generator().manual_seed(0), pad_id=0, self_cond_prob=1.0)
+    finally:
+        joint_forward.__globals__["joint_forward"] = original
+    assert seen == [(False, False), (True, True)]  # pass 1 under no_grad, pass 2 gets its logits
+    loss.total.backward()
+    assert model.stack.self_conditioning.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_loss_on_hand_checked_case():
+    """A model whose logits are all equal gives CE = log V for both terms."""
+    config = preset_config("tiny", canvas_length=4)
+    model = random_model(config, seed=0)
+    with torch.no_grad():
+        model.stack.embed_tokens.weight.zero_()
+    parts = objective(model, _tiny_batch(config), torch.Generator().manual_seed(0), pad_id=0)
+    logv = torch.log(torch.tensor(float(config.vocab_size)))
+    torch.testing.assert_close(parts.encoder, logv)
+    torch.testing.assert_close(parts.diffusion, logv)
+    torch.testing.assert_close(parts.total, 2 * logv)
