@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from dgemma.bundled import resolve_model
 from dgemma.config import GenerationConfig, parse_dtype
+from dgemma.engine.engine import Engine, EngineConfig
 from dgemma.model.loading import CheckpointError, load_model, read_generation_config, save_model
 from dgemma.sampler.reference import generate
 from dgemma.tokenizer import Tokenizer, TokenizerError
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt", nargs="?", help="prompt text (chat template applied unless --raw)")
-    g.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    g.add_argument("--model", default=None,
+                   help="checkpoint directory (Hugging Face layout); default: the bundled model")
     g.add_argument("--prompt-ids", help="comma-separated prompt token ids, used as given (no template)")
     g.add_argument("--raw", action="store_true", help="encode the prompt as plain text, no chat template")
     g.add_argument("--system", help="system message for the chat template")
@@ -80,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"default {f.default}")
     t.set_defaults(func=cmd_train)
+
+    bn = sub.add_parser("bench", help="measure the engine (and a baseline) on a model")
+    bn.add_argument("--model", default=None, help="checkpoint directory; default: the bundled model")
+    bn.add_argument("--random-config", help="random weights of this config.json instead of a checkpoint")
+    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--dtype", default=None)
+    bn.add_argument("--json", action="store_true", help="print one JSON object")
+    bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    from dgemma.benchmark import BenchConfig
+
+    for f in dataclasses.fields(BenchConfig):
+        kind = float if "threshold" in f.name else int if f.name != "baseline" else str
+        bn.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+    bn.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (tests, benchmarks)")
     r.add_argument("--out", required=True, help="output directory")
@@ -128,6 +145,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     t0 = time.perf_counter()
+    try:
+        args.model = str(resolve_model(args.model))
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
     model, _ = load_model(args.model, dtype=dtype, device=args.device)
     tokenizer = Tokenizer.from_directory(args.model)
     gen = _generation_config(args, read_generation_config(args.model, model.config))
@@ -136,20 +157,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"prompt token ids must lie in [0, {model.config.vocab_size})")
     load_seconds = time.perf_counter() - t0
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    torch.manual_seed(seed)  # transformers draws from the global generator: same seed, same stream
+    torch.manual_seed(seed)  # --exact: transformers draws from the global generator: same seed, same stream
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
-    result = generate(model, torch.tensor([ids], device=model.device), gen)
+    if args.exact:
+        result = generate(model, torch.tensor([ids], device=model.device), gen)
+        token_ids, steps, reason = result.token_ids[0], result.steps[0], result.finish_reasons[0]
+    else:
+        canvases = -(-gen.max_new_tokens // model.config.canvas_length)
+        context = len(ids) + canvases * model.config.canvas_length
+        engine = Engine(model, EngineConfig(max_batch=1, max_context=context))
+        request = engine.generate([ids], gen, [seed])[0]
+        token_ids, steps, reason = request.output, request.steps, request.finish_reason
     seconds = time.perf_counter() - t1
-    token_ids = result.token_ids[0]
     text = tokenizer.decode(token_ids) if tokenizer is not None else None
-    steps = result.steps[0]
     summary = {
-        "token_ids": token_ids, "text": text, "finish_reason": result.finish_reasons[0], "steps": steps,
-        "canvases": len(steps), "tokens_per_forward": result.tokens_per_forward[0],
+        "token_ids": token_ids, "text": text, "finish_reason": reason, "steps": steps,
+        "canvases": len(steps), "tokens_per_forward": len(token_ids) / max(1, sum(steps)),
         "seconds": seconds, "tokens_per_second": len(token_ids) / seconds if seconds > 0 else None,
-        "seed": seed, "sampler": "reference", "prompt_tokens": len(ids), "load_seconds": load_seconds,
+        "seed": seed, "sampler": "reference" if args.exact else "engine", "prompt_tokens": len(ids),
+        "load_seconds": load_seconds,
     }
     if args.json:
         print(json.dumps(summary))
@@ -177,6 +205,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = train(cfg)
     print(f"checkpoint: {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dgemma.benchmark import BenchConfig, benchmark, random_model_from_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    if args.random_config:
+        model, model_dir = random_model_from_config(args.random_config, args.device, dtype), None
+        gen = GenerationConfig(eos_token_ids=(), pad_token_id=model.config.pad_token_id)
+    else:
+        try:
+            model_dir = resolve_model(args.model)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+        model, _ = load_model(model_dir, dtype=dtype, device=args.device)
+        gen = read_generation_config(model_dir, model.config).replace(eos_token_ids=())  # measure full length
+    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
+    result = benchmark(model, model_dir, gen, cfg)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    line = (f"{result['tokens_per_s']:.1f} tokens/s, ttft {result['ttft_s'] * 1e3:.0f} ms, "
+            f"{result['ms_per_step']:.2f} ms/step, {result['steps_per_canvas']:.1f} steps/canvas, "
+            f"{result['tokens_per_forward']:.2f} tokens/forward, {result['achieved_gb_per_s']:.1f} GB/s of weights, "
+            f"peak {result['peak_memory_bytes'] / 2**30:.2f} GiB")
+    print(line)
+    if "ratio" in result:
+        print(f"baseline {result['baseline']}: {result['baseline_tokens_per_s']:.1f} tokens/s; "
+              f"ratio {result['ratio']:.2f}x")
     return 0
 
 

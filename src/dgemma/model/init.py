@@ -61,10 +61,14 @@ def init_weights(model: DiffusionGemma, std: float = 0.02, generator: torch.Gene
 def random_model(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> DiffusionGemma:
     dtype = dtype or getattr(torch, config.dtype)
-    with torch.device(device):
-        model = DiffusionGemma(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the target dtype directly (26B in fp32 fits no GPU)
+    try:
+        with torch.device(device):
+            model = DiffusionGemma(config)
+    finally:
+        torch.set_default_dtype(previous)
     gen = torch.Generator(device=device).manual_seed(seed)
     init_weights(model, generator=gen)
-    model.to(dtype)
-    model.stack.reset_buffers(device)  # keep RoPE frequencies in fp32 after the cast
+    model.stack.reset_buffers(device)  # RoPE frequencies and the embedding scale stay fp32
     return model.eval().requires_grad_(False)

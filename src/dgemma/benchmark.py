@@ -1,0 +1,214 @@
+"""`dgemma bench`: end-to-end speed of the engine on one model, optionally against a baseline measured in
+the same process on the same weights and settings.
+
+Baselines: `transformers` (its `generate`, imported only here; the engine never imports it) and `ar` (the
+same weights decoded autoregressively, one token per forward: the "faster than autoregressive" question).
+Every figure comes from this run; nothing is compared across runs. Returns a dict that the CLI prints.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dgemma.config import GenerationConfig, ModelConfig
+from dgemma.engine.engine import Engine, EngineConfig, Request
+from dgemma.model.modeling import DiffusionGemma
+
+
+@dataclass
+class BenchConfig:
+    prompt_tokens: int = 64
+    max_new_tokens: int = 256
+    batch: int = 1
+    max_denoising_steps: int | None = None  # None: the checkpoint's
+    confidence_threshold: float | None = None  # 0 = fixed steps (no early stop)
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    baseline: str | None = None  # None | "transformers" | "ar"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _weight_bytes_per_step(model: DiffusionGemma, batch_tokens: int) -> int:
+    """Bytes of weights one denoising step reads: every dense weight once, the experts that
+    `batch_tokens` x top_k routed tokens can touch (all of them when that exceeds num_experts)."""
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if ".experts." in name:
+            nbytes = nbytes * min(1.0, batch_tokens * cfg.top_k_experts / cfg.num_experts)
+        total += nbytes
+    return int(total)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -> dict:
+    device = model.device
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompts = [torch.randint(3, model.config.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
+               for _ in range(cfg.batch)]
+    context = cfg.prompt_tokens + cfg.max_new_tokens + model.config.canvas_length
+    engine = Engine(model, EngineConfig(max_batch=cfg.batch, max_context=context))
+    for _ in range(cfg.warmup):
+        engine.generate(prompts, gen.replace(max_new_tokens=model.config.canvas_length), list(range(cfg.batch)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    best = None
+    for rep in range(cfg.repeats):
+        engine.nfe = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        reqs = [engine.submit(Request(prompt=p, gen=gen, seed=cfg.seed + rep * 1000 + i))
+                for i, p in enumerate(prompts)]
+        while engine.has_work():
+            engine.step()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        if best is None or seconds < best[0]:
+            best = (seconds, reqs, engine.nfe)
+    seconds, reqs, nfe = best
+    tokens = sum(len(r.output) for r in reqs)
+    steps = [s for r in reqs for s in r.steps]
+    ttft = min(r.first_token_at for r in reqs) - min(r.submitted_at for r in reqs)
+    ms_step = None
+    # time one isolated step at this batch for ms/step and bandwidth
+    step_ms = _time_step(model, engine, prompts, gen)
+    ms_step = step_ms
+    weight_bytes = _weight_bytes_per_step(model, cfg.batch * model.config.canvas_length)
+    return {
+        "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "ttft_s": ttft,
+        "ms_per_step": ms_step, "steps_per_canvas": sum(steps) / len(steps), "denoiser_calls": nfe,
+        "tokens_per_forward": tokens / max(1, sum(steps)), "weight_bytes_per_step": weight_bytes,
+        "achieved_gb_per_s": weight_bytes / (ms_step / 1e3) / 1e9, "peak_memory_bytes": _peak_memory(device),
+    }
+
+
+def _time_step(model: DiffusionGemma, engine: Engine, prompts: list[list[int]], gen: GenerationConfig) -> float:
+    """Median wall time of one engine step with every row denoising (no commits)."""
+    fixed = gen.replace(max_denoising_steps=64, confidence_threshold=0.0, max_new_tokens=model.config.canvas_length)
+    for i, p in enumerate(prompts):
+        engine.submit(Request(prompt=p, gen=fixed, seed=i))
+    engine.step()  # admits and runs the first step
+    times = []
+    for _ in range(8):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        engine.step()
+        _sync(model.device)
+        times.append(time.perf_counter() - t0)
+    for r in engine.rows:
+        r.request.cancelled = True
+    engine.step()
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def run_transformers(model_dir: Path, model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -> dict:
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=model.dtype).to(model.device).eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(3, model.config.vocab_size, (cfg.batch, cfg.prompt_tokens), generator=g).to(model.device)
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, max_denoising_steps=gen.max_denoising_steps, t_min=gen.t_min,
+                  t_max=gen.t_max, sampler_config=None, stability_threshold=gen.stability_threshold,
+                  confidence_threshold=gen.confidence_threshold or 1e-30,  # transformers rejects 0: never confident
+                  eos_token_id=list(gen.eos_token_ids) or None, pad_token_id=gen.pad_token_id)
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    kwargs["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(gen.entropy_bound))
+    with torch.no_grad():
+        for _ in range(cfg.warmup):
+            hf.generate(prompt, **{**kwargs, "max_new_tokens": model.config.canvas_length})
+        best = None
+        for _ in range(cfg.repeats):
+            _sync(model.device)
+            t0 = time.perf_counter()
+            out = hf.generate(prompt, **kwargs)
+            _sync(model.device)
+            seconds = time.perf_counter() - t0
+            best = seconds if best is None else min(best, seconds)
+    new = out.sequences.shape[1] - cfg.prompt_tokens
+    tokens = min(new, gen.max_new_tokens) * cfg.batch
+    return {"tokens": tokens, "seconds": best, "tokens_per_s": tokens / best}
+
+
+def run_autoregressive(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -> dict:
+    from dgemma.sampler.autoregressive import generate_autoregressive
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(3, model.config.vocab_size, (1, cfg.prompt_tokens), generator=g).to(model.device)
+    generate_autoregressive(model, prompt, 4)
+    best = None
+    for _ in range(cfg.repeats):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        out = generate_autoregressive(model, prompt, gen.max_new_tokens)  # no EOS: always the full length
+        _sync(model.device)
+        seconds = time.perf_counter() - t0
+        best = seconds if best is None else min(best, seconds)
+    return {"tokens": len(out), "seconds": best, "tokens_per_s": len(out) / best, "batch": 1}
+
+
+def benchmark(model: DiffusionGemma, model_dir: Path | None, gen: GenerationConfig, cfg: BenchConfig) -> dict:
+    overrides = {"max_new_tokens": cfg.max_new_tokens, "max_denoising_steps": cfg.max_denoising_steps,
+                 "confidence_threshold": cfg.confidence_threshold}
+    gen = gen.replace(**overrides)
+    result = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "parameters": sum(p.numel() for p in model.parameters()), "batch": cfg.batch,
+              "prompt_tokens": cfg.prompt_tokens, "max_new_tokens": gen.max_new_tokens,
+              "max_denoising_steps": gen.max_denoising_steps, "confidence_threshold": gen.confidence_threshold}
+    if model.device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(model.device)
+    result.update(run_engine(model, gen, cfg))
+    if cfg.baseline == "transformers":
+        if model_dir is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                from dgemma.model.loading import save_model
+
+                save_model(model, tmp, generation_config=gen)
+                base = run_transformers(Path(tmp), model, gen, cfg)
+        else:
+            base = run_transformers(model_dir, model, gen, cfg)
+    elif cfg.baseline == "ar":
+        base = run_autoregressive(model, gen, cfg)
+    elif cfg.baseline is None:
+        return result
+    else:
+        raise ValueError(f"unknown baseline {cfg.baseline!r}; use 'transformers' or 'ar'")
+    result["baseline"] = cfg.baseline
+    result["baseline_tokens_per_s"] = base["tokens_per_s"]
+    result["baseline_seconds"] = base["seconds"]
+    result["ratio"] = result["tokens_per_s"] / base["tokens_per_s"]
+    return result
+
+
+def random_model_from_config(path: str, device: str, dtype: str | None, seed: int = 0) -> DiffusionGemma:
+    import json
+
+    from dgemma.model.init import random_model
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--random-config {path}: {exc}") from None
+    config = ModelConfig.from_hf_dict(data) if "text_config" in data else ModelConfig(**data)
+    if dtype:
+        config.dtype = dtype
+    return random_model(config, seed=seed, device=device)

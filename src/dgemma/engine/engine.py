@@ -1,0 +1,257 @@
+"""The fast generation engine: continuous batching over a static KV cache with the fused sampler.
+
+Each request owns a row of the cache, its own canvas, step count, random stream (seed) and settings.
+One engine `step()`:
+  1. admits waiting requests into free rows and prefills their prompts;
+  2. runs ONE denoising step for every active row together (rows may be at different steps of
+     different canvases);
+  3. for rows whose canvas is done (stable and confident, or out of steps) commits the argmax canvas,
+     emits its tokens, and either finishes the request (EOS or max_new_tokens reached) or encodes the
+     canvas into the cache and starts a new one.
+Finished rows leave and new ones join between steps. The algorithm per row is the reference sampler's
+(dgemma.sampler.reference); the random draws come from dgemma.engine.rng, so a request's tokens do not
+depend on what else is in the batch (tests/test_engine.py).
+
+Shapes: B active rows, C canvas_length, V vocab, H hidden.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dgemma.config import GenerationConfig
+from dgemma.engine import rng
+from dgemma.engine.kv_cache import StaticKVCache
+from dgemma.engine.runner import denoise_rows, encode_row
+from dgemma.engine.sampler import fused_sample
+from dgemma.model.modeling import DiffusionGemma
+from dgemma.sampler.entropy_bound import accept_mask
+
+STREAM_INIT, STREAM_SAMPLE, STREAM_NOISE = 0, 1, 2
+MAX_STABILITY = 8
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 8
+    max_context: int = 4096
+    sampler_chunk: int = 1024  # positions per fused-sampler chunk (memory: chunk x V fp32)
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    gen: GenerationConfig
+    seed: int = 0
+    # called with (request, new token ids) after each committed canvas, and (request, argmax canvas) per step
+    on_tokens: Callable[[Request, list[int]], None] | None = None
+    on_draft: Callable[[Request, list[int]], None] | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    # results
+    output: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Row:
+    request: Request
+    canvas_index: int = 0
+    steps_left: int = 0
+    steps_taken: int = 0
+
+
+class Engine:
+    def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        mc = model.config
+        self.canvas_length = mc.canvas_length
+        self.vocab = mc.vocab_size
+        self.cache = StaticKVCache(mc, self.config.max_batch, self.config.max_context, model.device, model.dtype)
+        b, c, h = self.config.max_batch, mc.canvas_length, mc.hidden_size
+        self.canvas = torch.zeros(b, c, dtype=torch.long, device=model.device)
+        self.argmax = torch.zeros(b, c, dtype=torch.long, device=model.device)
+        self.soft = torch.zeros(b, c, h, dtype=model.dtype, device=model.device)
+        self.history: torch.Tensor | None = None
+        self.rows: list[_Row] = []
+        self.waiting: deque[Request] = deque()
+        self.nfe = 0  # denoiser calls (batched)
+
+    # -- public ---------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        self._validate(request)
+        self.waiting.append(request)
+        return request
+
+    def generate(self, prompts: list[list[int]], gen: GenerationConfig, seeds: list[int] | None = None
+                 ) -> list[Request]:
+        """Run these prompts to completion (batched) and return the finished requests in order."""
+        seeds = seeds if seeds is not None else list(range(len(prompts)))
+        requests = [self.submit(Request(prompt=list(p), gen=gen, seed=s)) for p, s in zip(prompts, seeds, strict=True)]
+        while self.has_work():
+            self.step()
+        return requests
+
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if not self.rows:
+            return
+        b = len(self.rows)
+        hidden = denoise_rows(self.model, self.cache, self.canvas[:b], self.soft[:b])
+        self.nfe += 1
+        dev = self.model.device
+        seeds = torch.tensor([r.request.seed for r in self.rows], device=dev)
+        canvas_idx = torch.tensor([r.canvas_index for r in self.rows], device=dev)
+        steps_left = torch.tensor([r.steps_left for r in self.rows], device=dev)
+        gens = [r.request.gen for r in self.rows]
+        n_steps = torch.tensor([g.max_denoising_steps for g in gens], dtype=torch.int32, device=dev)
+        t_min = torch.tensor([g.t_min for g in gens], dtype=torch.float32, device=dev)
+        t_max = torch.tensor([g.t_max for g in gens], dtype=torch.float32, device=dev)
+        # the reference's fp32 schedule: t_min + (t_max - t_min) * (step / N)
+        temperature = t_min + (t_max - t_min) * (steps_left.to(torch.int32) / n_steps)
+        u = rng.uniform(seeds, canvas_idx, steps_left, self.canvas_length, STREAM_SAMPLE)
+        stack = self.model.stack
+        out = fused_sample(hidden, stack.embed_tokens.weight, self.model.config.embed_scale,
+                           self.model.config.final_logit_softcapping, temperature, u, self.config.sampler_chunk)
+        bounds = {g.entropy_bound for g in gens}
+        if len(bounds) == 1:
+            accepted = accept_mask(out.entropy, bounds.pop())
+        else:
+            accepted = torch.cat([accept_mask(out.entropy[i:i + 1], g.entropy_bound) for i, g in enumerate(gens)])
+        noise = rng.randint(seeds, canvas_idx, steps_left, self.canvas_length, STREAM_NOISE, self.vocab)
+        self.canvas[:b] = torch.where(accepted, out.sampled, noise)
+        # each row compares its argmax with its last k argmax canvases (k = its stability_threshold)
+        width = self.history.shape[1]
+        k = torch.tensor([g.stability_threshold for g in gens], device=dev)
+        ignored = torch.arange(width, device=dev)[None] < (width - k)[:, None]  # (B, width)
+        same = (self.history[:b] == out.argmax[:, None]).all(-1)
+        stable = (same | ignored).all(-1)
+        self.history[:b] = torch.roll(self.history[:b], shifts=-1, dims=1)
+        self.history[:b, -1] = out.argmax
+        self.argmax[:b] = out.argmax
+        self.soft[:b] = out.soft_embeds
+        conf = torch.tensor([g.confidence_threshold for g in gens], device=dev)
+        stop = stable & (out.entropy.mean(-1) < conf)
+        stop_list = stop.tolist()  # sync: one per step, decides which rows commit
+        for row, r in enumerate(self.rows):
+            r.steps_left -= 1
+            r.steps_taken += 1
+            if r.request.on_draft is not None:
+                r.request.on_draft(r.request, self.argmax[row].tolist())
+        done_rows = [i for i, r in enumerate(self.rows) if stop_list[i] or r.steps_left == 0]
+        self._commit(done_rows)
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _validate(self, request: Request) -> None:
+        if not request.prompt:
+            raise ValueError("prompt is empty")
+        if min(request.prompt) < 0 or max(request.prompt) >= self.vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab})")
+        canvases = -(-request.gen.max_new_tokens // self.canvas_length)
+        need = len(request.prompt) + (canvases - 1) * self.canvas_length
+        if need > self.config.max_context:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_new_tokens "
+                             f"({request.gen.max_new_tokens}) needs {need} context slots; the engine has "
+                             f"{self.config.max_context}")
+        if request.gen.stability_threshold > MAX_STABILITY:
+            raise ValueError(f"stability_threshold above {MAX_STABILITY} is not supported by the engine")
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.rows) < self.config.max_batch:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                continue
+            row = len(self.rows)
+            self.cache.reset_row(row)
+            ids = torch.tensor([request.prompt], device=self.model.device)
+            encode_row(self.model, self.cache, row, ids)
+            self.rows.append(_Row(request))
+            self._start_canvas(row)
+
+    def _ensure_history(self) -> None:
+        if self.history is None:
+            self.history = torch.full((self.config.max_batch, MAX_STABILITY, self.canvas_length), -1,
+                                      dtype=torch.long, device=self.model.device)
+
+    def _start_canvas(self, row: int) -> None:
+        self._ensure_history()
+        r = self.rows[row]
+        r.steps_left, r.steps_taken = r.request.gen.max_denoising_steps, 0
+        dev = self.model.device
+        self.canvas[row] = rng.randint(torch.tensor([r.request.seed], device=dev),
+                                       torch.tensor([r.canvas_index], device=dev),
+                                       torch.tensor([0], device=dev), self.canvas_length, STREAM_INIT, self.vocab)[0]
+        self.soft[row].zero_()
+        self.history[row].fill_(-1)  # as the reference: no argmax equals -1 on the first step
+
+    def _commit(self, done_rows: list[int]) -> None:
+        finished = []
+        for row in done_rows:
+            r = self.rows[row]
+            req = r.request
+            req.steps.append(r.steps_taken)
+            canvas = self.argmax[row].tolist()
+            remaining = req.gen.max_new_tokens - len(req.output)
+            emitted, reason = [], None
+            eos = set(req.gen.eos_token_ids)
+            for tok in canvas[:remaining]:
+                if tok in eos:
+                    reason = "stop"
+                    break
+                emitted.append(tok)
+            if reason is None and len(req.output) + len(emitted) >= req.gen.max_new_tokens:
+                reason = "length"
+            req.output.extend(emitted)
+            if req.first_token_at is None:
+                req.first_token_at = time.perf_counter()
+            if req.on_tokens is not None and emitted:
+                req.on_tokens(req, emitted)
+            if reason is not None:
+                req.finish_reason = reason
+                req.finished_at = time.perf_counter()
+                finished.append(row)
+            else:
+                encode_row(self.model, self.cache, row, self.argmax[row:row + 1].clone())
+                r.canvas_index += 1
+                self._start_canvas(row)
+        self._release(finished)
+
+    def _release(self, rows: list[int]) -> None:
+        for row in sorted(rows, reverse=True):
+            last = len(self.rows) - 1
+            if row != last:  # keep active rows compact: move the last row into the freed slot
+                self.cache.move_row(last, row)
+                self.canvas[row] = self.canvas[last]
+                self.argmax[row] = self.argmax[last]
+                self.soft[row] = self.soft[last]
+                self.history[row] = self.history[last]
+                self.rows[row] = self.rows[last]
+            self.rows.pop()
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, r in enumerate(self.rows) if r.request.cancelled]
+        for i in gone:
+            req = self.rows[i].request
+            req.finish_reason = req.finish_reason or "cancelled"
+            req.finished_at = time.perf_counter()
+        self._release(gone)
