@@ -209,11 +209,12 @@ class ModelConfig:
         out: dict[str, Any] = {
             "architectures": ["DiffusionGemmaForBlockDiffusion"],
             "model_type": "diffusion_gemma",
-            "canvas_length": self.canvas_length,
-            "image_token_id": self.image_token_id, "boi_token_id": self.boi_token_id,
-            "eoi_token_id": self.eoi_token_id, "tie_word_embeddings": True, "initializer_range": 0.02,
+            "canvas_length": self.canvas_length, "tie_word_embeddings": True, "initializer_range": 0.02,
             "dtype": self.dtype, "text_config": text,
         }
+        for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            if getattr(self, key) is not None:  # absent: transformers uses its defaults (null breaks its generate)
+                out[key] = getattr(self, key)
         if self.vision_config is not None:
             out["vision_config"] = self.vision_config
         return out
