@@ -1,43 +1,13 @@
 """Tokenizer + chat template (vs transformers) and the `dgemma generate` scripting interface."""
 
 import json
-import shutil
 
-import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers, trainers
 
 from dgemma.cli import main
 from dgemma.model.loading import load_model, read_generation_config
 from dgemma.sampler.reference import generate
 from dgemma.tokenizer import Tokenizer
-
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
-)
-CORPUS = ["the king said to the queen that the night was long", "why is the sky blue? because of scattering",
-          "a model answers the user in plain words"] * 20
-
-
-@pytest.fixture(scope="module")
-def checkpoint_with_tokenizer(hf_checkpoint, tmp_path_factory):
-    _, path = hf_checkpoint("base")
-    out = tmp_path_factory.mktemp("with_tok")
-    shutil.copytree(path, out, dirs_exist_ok=True)
-    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
-    assert tok.get_vocab_size() <= 384
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "chat_template": TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return out
 
 
 def test_chat_template_matches_transformers(checkpoint_with_tokenizer):

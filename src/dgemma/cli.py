@@ -98,6 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
         bn.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     bn.set_defaults(func=cmd_bench)
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    sv.add_argument("--model", default=None, help="checkpoint directory or 'bundled' (default)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    sv.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests denoised together")
+    sv.add_argument("--max-context", type=int, default=4096, help="context slots per request")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--dtype", default=None)
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal with a live view of the canvas")
+    ch.add_argument("--model", default=None, help="checkpoint directory or 'bundled' (default)")
+    ch.add_argument("--device", default="cpu")
+    ch.add_argument("--dtype", default=None)
+    ch.add_argument("--system", default=None, help="system message")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--no-live", action="store_true", help="do not show the canvas while it is denoised")
+    _add_generation_flags(ch)
+    ch.set_defaults(func=cmd_chat)
+
     r = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (tests, benchmarks)")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--preset", default="tiny", help="tiny | released")
@@ -240,6 +264,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"baseline {result['baseline']}: {result['baseline_tokens_per_s']:.1f} tokens/s; "
               f"ratio {result['ratio']:.2f}x")
     return 0
+
+
+def _load_for_serving(args: argparse.Namespace):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    try:
+        model_dir = resolve_model(args.model)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    model, _ = load_model(model_dir, dtype=parse_dtype(args.dtype) if args.dtype else None, device=args.device)
+    return model_dir, model, Tokenizer.from_directory(model_dir), read_generation_config(model_dir, model.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dgemma.server.api import ServerConfig, create_app
+
+    model_dir, model, tokenizer, gen = _load_for_serving(args)
+    name = args.served_model_name or model_dir.resolve().name
+    app = create_app(model, tokenizer, gen,
+                     ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                                  max_body_bytes=args.max_body_bytes),
+                     EngineConfig(max_batch=args.max_batch, max_context=args.max_context))
+    print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from dgemma.chat import run_chat
+
+    model_dir, model, tokenizer, gen = _load_for_serving(args)
+    if tokenizer is None:
+        raise UsageError(f"{model_dir} has no tokenizer.json; chat needs one")
+    return run_chat(model, tokenizer, _generation_config(args, gen), system=args.system, seed=args.seed,
+                    live=not args.no_live)
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:

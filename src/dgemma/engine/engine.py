@@ -49,9 +49,12 @@ class Request:
     prompt: list[int]
     gen: GenerationConfig
     seed: int = 0
-    # called with (request, new token ids) after each committed canvas, and (request, argmax canvas) per step
+    # called from the engine's thread: on_tokens(request, new ids) after each committed canvas (the last
+    # call has request.done set), on_draft(request, argmax canvas) after each denoising step
     on_tokens: Callable[[Request, list[int]], None] | None = None
     on_draft: Callable[[Request, list[int]], None] | None = None
+    # the prompt continues the context already in the cache (a single-row engine owned by a chat session)
+    extend_context: bool = False
     id: int = field(default_factory=itertools.count().__next__)
     # results
     output: list[int] = field(default_factory=list)
@@ -169,6 +172,8 @@ class Engine:
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab})")
         canvases = -(-request.gen.max_new_tokens // self.canvas_length)
         need = len(request.prompt) + (canvases - 1) * self.canvas_length
+        if request.extend_context:
+            need += self.cache.lengths[0]
         if need > self.config.max_context:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_new_tokens "
                              f"({request.gen.max_new_tokens}) needs {need} context slots; the engine has "
@@ -182,7 +187,10 @@ class Engine:
             if request.cancelled:
                 continue
             row = len(self.rows)
-            self.cache.reset_row(row)
+            if not request.extend_context:
+                self.cache.reset_row(row)
+            elif self.config.max_batch != 1:
+                raise ValueError("extend_context needs an engine with max_batch=1 (one conversation)")
             ids = torch.tensor([request.prompt], device=self.model.device)
             encode_row(self.model, self.cache, row, ids)
             self.rows.append(_Row(request))
@@ -224,13 +232,13 @@ class Engine:
             req.output.extend(emitted)
             if req.first_token_at is None:
                 req.first_token_at = time.perf_counter()
-            if req.on_tokens is not None and emitted:
-                req.on_tokens(req, emitted)
             if reason is not None:
                 req.finish_reason = reason
                 req.finished_at = time.perf_counter()
                 finished.append(row)
-            else:
+            if req.on_tokens is not None and (emitted or reason is not None):
+                req.on_tokens(req, emitted)  # the last call comes with req.done set
+            if reason is None:
                 encode_row(self.model, self.cache, row, self.argmax[row:row + 1].clone())
                 r.canvas_index += 1
                 self._start_canvas(row)
@@ -247,6 +255,16 @@ class Engine:
                 self.history[row] = self.history[last]
                 self.rows[row] = self.rows[last]
             self.rows.pop()
+
+    def fail_all(self, reason: str = "error") -> None:
+        """End every request (after an internal error), notifying their callbacks."""
+        for req in [r.request for r in self.rows] + list(self.waiting):
+            req.finish_reason = reason
+            req.finished_at = time.perf_counter()
+            if req.on_tokens is not None:
+                req.on_tokens(req, [])
+        self.rows.clear()
+        self.waiting.clear()
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self.rows) if r.request.cancelled]

@@ -1,0 +1,106 @@
+"""`dgemma chat`: an interactive terminal chat that shows diffusion decoding as it happens.
+
+Each answer is drawn live: committed text, then the current argmax canvas (dim) as it snaps from noise
+into text step by step. The conversation's KV cache is kept between turns: the next turn encodes only the
+tokens that are not cached yet (when the rendered conversation extends the cached tokens; otherwise the
+context is rebuilt). Commands: /reset (forget the conversation), /quit (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from dgemma.config import GenerationConfig
+from dgemma.engine.engine import Engine, EngineConfig, Request
+from dgemma.model.modeling import DiffusionGemma
+from dgemma.tokenizer import Tokenizer
+
+
+class ChatSession:
+    """A conversation with its own single-row engine; `cached` mirrors the tokens in the KV cache."""
+
+    def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer, gen: GenerationConfig,
+                 system: str | None = None, max_context: int = 4096) -> None:
+        self.model, self.tokenizer, self.gen = model, tokenizer, gen
+        self.engine = Engine(model, EngineConfig(max_batch=1, max_context=max_context))
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cached: list[int] = []
+
+    def answer(self, text: str, seed: int = 0, on_draft=None, on_tokens=None) -> Request:
+        self.messages.append({"role": "user", "content": text})
+        ids = self.tokenizer.encode_chat(self.messages)
+        extend = bool(self.cached) and ids[: len(self.cached)] == self.cached
+        prompt = ids[len(self.cached):] if extend else ids
+        request = Request(prompt=prompt, gen=self.gen, seed=seed, on_draft=on_draft, on_tokens=on_tokens,
+                          extend_context=extend)
+        self.engine.submit(request)
+        while self.engine.has_work():
+            self.engine.step()
+        c = self.model.config.canvas_length
+        # the last canvas is never committed to the cache (as in transformers): the next turn re-encodes it
+        self.cached = (self.cached if extend else []) + prompt + request.output[: (len(request.steps) - 1) * c]
+        self.messages.append({"role": "assistant", "content": self.tokenizer.decode(request.output)})
+        return request
+
+
+def _answer(session: ChatSession, tokenizer: Tokenizer, console: Console, text: str, seed: int,
+            live: bool) -> Request:
+    """One answer, drawn live: committed text, then the current argmax canvas (dim)."""
+    if not live:
+        return session.answer(text, seed=seed)
+    committed: list[int] = []
+    view = Live(Text(""), console=console, refresh_per_second=30, transient=True)
+
+    def show(draft: list[int] | None) -> None:
+        out = Text("model> ", style="bold green")
+        out.append(tokenizer.decode(committed))
+        if draft is not None:
+            out.append(tokenizer.decode(draft), style="dim magenta")
+        view.update(out)
+
+    def on_tokens(req: Request, tokens: list[int]) -> None:
+        committed.extend(tokens)
+        show(None)
+
+    with view:
+        return session.answer(text, seed=seed, on_draft=lambda req, canvas: show(canvas), on_tokens=on_tokens)
+
+
+def run_chat(model: DiffusionGemma, tokenizer: Tokenizer, gen: GenerationConfig, system: str | None = None,
+             seed: int = 0, live: bool = True) -> int:
+    console = Console()
+    session = ChatSession(model, tokenizer, gen, system)
+    console.print("[bold]dgemma chat[/bold]  (/reset to start over, /quit or Ctrl-D to leave)")
+    turn = 0
+    while True:
+        try:
+            text = console.input("[bold cyan]you>[/bold cyan] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            console.print("[dim](conversation cleared)[/dim]")
+            continue
+        t0 = time.perf_counter()
+        req = _answer(session, tokenizer, console, text, seed + turn, live)
+        seconds = time.perf_counter() - t0
+        turn += 1
+        console.print(Text("model> ", style="bold green") + Text(tokenizer.decode(req.output)))
+        steps = req.steps
+        console.print(f"[dim][{len(req.output)} tokens ({req.finish_reason}), {len(steps)} canvases, "
+                      f"steps/canvas {sum(steps) / max(1, len(steps)):.1f}, "
+                      f"tokens/forward {len(req.output) / max(1, sum(steps)):.2f}, "
+                      f"{len(req.output) / seconds:.1f} tokens/s, context {len(session.cached)} cached][/dim]")

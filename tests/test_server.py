@@ -1,0 +1,180 @@
+"""The OpenAI-compatible server, exercised with the official `openai` client against real uvicorn on loopback."""
+
+import asyncio
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from dgemma.engine.engine import EngineConfig
+from dgemma.model.loading import load_model, read_generation_config
+from dgemma.server.api import ServerConfig, create_app
+from dgemma.tokenizer import Tokenizer
+
+
+class _Server:
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _app(path, gen_overrides=None, **server_kw):
+    model, _ = load_model(path)
+    gen = read_generation_config(path, model.config).replace(max_denoising_steps=4, **(gen_overrides or {}))
+    engine_kw = {k: server_kw.pop(k) for k in ("max_batch", "max_context") if k in server_kw}
+    return create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(model_name="tiny", **server_kw),
+                      EngineConfig(**{"max_batch": 4, "max_context": 256, **engine_kw}))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_with_tokenizer):
+    with _Server(_app(checkpoint_with_tokenizer)) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_and_completion(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the king"}],
+                                          max_tokens=20, seed=1)
+    choice = chat.choices[0]
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens <= 20
+    comp = client.completions.create(model="tiny", prompt="the night was", max_tokens=30, seed=2)
+    assert comp.choices[0].finish_reason in ("stop", "length")
+    if comp.choices[0].finish_reason == "length":
+        assert comp.usage.completion_tokens == 30  # exactly max_tokens, never a whole extra canvas
+
+
+def test_streaming_matches_non_streaming(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "why is the sky"}], max_tokens=40, seed=5)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    text = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt=[2, 40, 41],
+                                                                        max_tokens=25, seed=3, stream=True))
+    assert text == client.completions.create(model="tiny", prompt=[2, 40, 41], max_tokens=25, seed=3).choices[0].text
+
+
+def test_seed_reproducible_and_stop_strings(client):
+    kw = dict(model="tiny", prompt=[2, 50, 60, 70], max_tokens=60, seed=11)
+    a = client.completions.create(**kw).choices[0].text
+    assert client.completions.create(**kw).choices[0].text == a
+    candidates = [a[i:i + 3] for i in range(len(a) // 3, len(a) - 3) if a[i:i + 3].strip()]
+    if not candidates:
+        pytest.skip("generated text too short for a stop-string check")
+    stop = candidates[0]
+    cut = client.completions.create(stop=[stop], **kw)
+    assert cut.choices[0].text == a[: a.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **kw))
+    assert streamed == a[: a.index(stop)]  # never any text past the stop string
+
+
+@pytest.mark.parametrize("extra,param", [
+    (dict(n=2), "n"), (dict(logprobs=True), "logprobs"), (dict(response_format={"type": "json_object"}),
+                                                          "response_format"),
+    (dict(top_p=0.5), "top_p"), (dict(temperature=3.0), "temperature"), (dict(max_tokens=0), "max_tokens"),
+])
+def test_bad_requests_are_400(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], **extra)
+    assert err.value.status_code == 400
+    assert param in str(err.value)
+
+
+def test_other_client_errors(server, client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=[5] * 300, max_tokens=10)
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "frobnicate": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b"x" * (2 << 20))
+    assert r.status_code == 413
+
+
+def test_auth(checkpoint_with_tokenizer):
+    with _Server(_app(checkpoint_with_tokenizer, api_key="sekrit")) as s:
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="sekrit", max_retries=0)
+        assert good.completions.create(model="tiny", prompt=[2, 3], max_tokens=5).choices[0].finish_reason
+
+
+def test_draft_events_and_metrics(server):
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": [2, 9], "max_tokens": 20, "stream": True, "draft": True}) as r:
+        body = "".join(r.iter_text())
+    assert "event: draft" in body and body.rstrip().endswith("data: [DONE]")
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "dgemma_generated_tokens_total" in metrics and "dgemma_queue_depth" in metrics
+
+
+def test_disconnect_frees_the_slot(checkpoint_with_tokenizer):
+    with _Server(_app(checkpoint_with_tokenizer, gen_overrides={"eos_token_ids": ()})) as server:
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": [2, 9], "max_tokens": 200, "stream": True,
+                                "max_denoising_steps": 200, "confidence_threshold": 0}) as r:
+            assert r.status_code == 200
+            deadline = time.time() + 10
+            while httpx.get(server.url + "/health").json()["active"] != 1:  # running (no EOS possible)
+                assert time.time() < deadline, "the request never started"
+                time.sleep(0.02)
+        deadline = time.time() + 10
+        while httpx.get(server.url + "/health").json()["active"] != 0:
+            assert time.time() < deadline, "the cancelled request still holds its row"
+            time.sleep(0.05)
+
+
+def test_load_50_concurrent_streams(checkpoint_with_tokenizer):
+    """Bounded load: 50 concurrent streams, a small queue: every request completes or gets a clean 429."""
+    with _Server(_app(checkpoint_with_tokenizer, max_queue=20, max_batch=8)) as s:
+        async def one(i, client):
+            try:
+                stream = await client.completions.create(model="tiny", prompt=[2, 10 + i], max_tokens=24, seed=i,
+                                                         stream=True)
+                text = "".join([c.choices[0].text async for c in stream])
+                return "ok", text
+            except openai.RateLimitError:
+                return "429", None
+
+        async def main():
+            client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+            return await asyncio.wait_for(asyncio.gather(*(one(i, client) for i in range(50))), timeout=240)
+
+        results = asyncio.run(main())
+        assert len(results) == 50
+        assert {r for r, _ in results} <= {"ok", "429"}
+        assert sum(r == "ok" for r, _ in results) >= 20
+        health = httpx.get(s.url + "/health").json()
+        assert health["status"] == "ok" and health["active"] == 0 and health["queued"] == 0
