@@ -21,7 +21,12 @@ from dgemma.tokenizer import Tokenizer
 
 
 class ChatSession:
-    """A conversation with its own single-row engine; `cached` mirrors the tokens in the KV cache."""
+    """A conversation with its own single-row engine.
+
+    `ids` is the conversation as the model saw it: prompts plus the model's own generated ids (not a
+    re-encoding of their text). A new turn appends the template text that follows the last answer, so the
+    tokens already in the KV cache stay valid and only the new ones are encoded. When the template does not
+    reproduce the previous text (e.g. it trims the answer), the context is rebuilt from the rendered chat."""
 
     def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer, gen: GenerationConfig,
                  system: str | None = None, max_context: int = 4096) -> None:
@@ -32,22 +37,32 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cached: list[int] = []
+        self.ids: list[int] = []
+        self.text = ""  # rendered text that `ids` stands for
+        self.cached = 0  # tokens of `ids` in the KV cache
+
+    def _conversation_ids(self) -> tuple[list[int], bool]:
+        """Token ids of the conversation with the new user turn; whether they extend `self.ids`."""
+        text = self.tokenizer.render_chat(self.messages)
+        if self.ids and text.startswith(self.text):
+            suffix = text[len(self.text):]
+            return self.ids + self.tokenizer.encode(suffix, add_special_tokens=False), True
+        return self.tokenizer.encode(text, add_special_tokens=False), False
 
     def answer(self, text: str, seed: int = 0, on_draft=None, on_tokens=None) -> Request:
         self.messages.append({"role": "user", "content": text})
-        ids = self.tokenizer.encode_chat(self.messages)
-        extend = bool(self.cached) and ids[: len(self.cached)] == self.cached
-        prompt = ids[len(self.cached):] if extend else ids
-        request = Request(prompt=prompt, gen=self.gen, seed=seed, on_draft=on_draft, on_tokens=on_tokens,
-                          extend_context=extend)
+        ids, extend = self._conversation_ids()
+        cached = self.cached if extend else 0
+        request = Request(prompt=ids[cached:], gen=self.gen, seed=seed, on_draft=on_draft, on_tokens=on_tokens,
+                          extend_context=cached > 0)
         self.engine.submit(request)
         while self.engine.has_work():
             self.engine.step()
-        c = self.model.config.canvas_length
-        # the last canvas is never committed to the cache (as in transformers): the next turn re-encodes it
-        self.cached = (self.cached if extend else []) + prompt + request.output[: (len(request.steps) - 1) * c]
-        self.messages.append({"role": "assistant", "content": self.tokenizer.decode(request.output)})
+        answer = self.tokenizer.decode(request.output)
+        self.messages.append({"role": "assistant", "content": answer})
+        self.text = self.tokenizer.render_chat(self.messages[:-1]) + answer
+        self.ids = ids + request.output
+        self.cached = self.engine.cache.lengths[0]  # prompt + every committed canvas but the last
         return request
 
 
@@ -103,4 +118,4 @@ def run_chat(model: DiffusionGemma, tokenizer: Tokenizer, gen: GenerationConfig,
         console.print(f"[dim][{len(req.output)} tokens ({req.finish_reason}), {len(steps)} canvases, "
                       f"steps/canvas {sum(steps) / max(1, len(steps)):.1f}, "
                       f"tokens/forward {len(req.output) / max(1, sum(steps)):.2f}, "
-                      f"{len(req.output) / seconds:.1f} tokens/s, context {len(session.cached)} cached][/dim]")
+                      f"{len(req.output) / seconds:.1f} tokens/s, context {session.cached} tokens cached][/dim]")
