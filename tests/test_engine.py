@@ -177,3 +177,15 @@ def test_stopping_rule_matches_reference(hf_checkpoint, monkeypatch, stability):
     if stability:  # argmax settles at call 3; k more equal calls are needed
         assert ref.steps[0] == [3 + stability]
     assert fast.output == ref.token_ids[0]
+
+
+def test_grouped_experts_match_reference():
+    from dgemma.engine.runner import _experts, _grouped_ok
+
+    config = preset_config("tiny", num_experts=32, top_k_experts=4, moe_intermediate_size=32)
+    model = random_model(config, seed=6)
+    experts, router = model.stack.layers[0].experts, model.stack.layers[0].router
+    x = torch.randn(40, config.hidden_size)
+    weights, ids = router(x)
+    assert _grouped_ok(experts, x)
+    torch.testing.assert_close(_experts(experts, x, ids, weights), experts(x, ids, weights), atol=1e-5, rtol=1e-5)
