@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dgemma.benchmark import BenchConfig
 
     for f in dataclasses.fields(BenchConfig):
+        if f.name == "compile":
+            bn.add_argument("--compile", action="store_true", help="torch.compile the denoising forward")
+            continue
         kind = float if "threshold" in f.name else int if f.name != "baseline" else str
         bn.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     bn.set_defaults(func=cmd_bench)
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-context", type=int, default=4096, help="context slots per request")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.add_argument("--compile", action="store_true", help="torch.compile the denoising forward (slow start)")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", default=None)
     sv.set_defaults(func=cmd_serve)
@@ -287,7 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(model, tokenizer, gen,
                      ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                   max_body_bytes=args.max_body_bytes),
-                     EngineConfig(max_batch=args.max_batch, max_context=args.max_context))
+                     EngineConfig(max_batch=args.max_batch, max_context=args.max_context, compile=args.compile))
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

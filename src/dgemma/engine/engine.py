@@ -42,6 +42,7 @@ class EngineConfig:
     max_batch: int = 8
     max_context: int = 4096
     sampler_chunk: int = 1024  # positions per fused-sampler chunk (memory: chunk x V fp32)
+    compile: bool = False  # torch.compile the denoising forward (slow first call; pays off for long runs)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Engine:
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self.nfe = 0  # denoiser calls (batched)
+        self._denoise = torch.compile(denoise_rows, dynamic=True) if self.config.compile else denoise_rows
 
     # -- public ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -120,7 +122,7 @@ class Engine:
         if not self.rows:
             return
         b = len(self.rows)
-        hidden = denoise_rows(self.model, self.cache, self.canvas[:b], self.soft[:b])
+        hidden = self._denoise(self.model, self.cache, self.canvas[:b], self.soft[:b])
         self.nfe += 1
         dev = self.model.device
         seeds = torch.tensor([r.request.seed for r in self.rows], device=dev)

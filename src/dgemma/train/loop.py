@@ -57,8 +57,8 @@ class TrainConfig:
     max_canvases: int = 2
     chat_fraction: float = 0.3
     # optimisation
-    steps: int = 2000
-    lr: float = 2e-3
+    steps: int = 2600
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
     weight_decay: float = 1e-4
@@ -68,8 +68,8 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 200
     eval_batches: int = 4
-    save_every: int = 200
-    log_every: int = 10
+    save_every: int = 100
+    log_every: int = 20
     device: str = "cpu"
     threads: int = 0  # 0: leave torch's default
 
