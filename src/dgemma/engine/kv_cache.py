@@ -23,6 +23,8 @@ from dgemma.config import ModelConfig
 class StaticKVCache:
     def __init__(self, config: ModelConfig, max_batch: int, max_context: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
+        if config.sliding_window < 2:
+            raise ValueError(f"the engine needs sliding_window >= 2 (got {config.sliding_window}); use --exact")
         self.canvas = config.canvas_length
         self.ring = config.sliding_window - 1
         self.max_context = max_context
