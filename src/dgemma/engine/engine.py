@@ -43,6 +43,9 @@ class EngineConfig:
     max_context: int = 4096
     sampler_chunk: int = 1024  # positions per fused-sampler chunk (memory: chunk x V fp32)
     compile: bool = False  # torch.compile the denoising forward (slow first call; pays off for long runs)
+    # host syncs: rows that stop are frozen on the device and committed at the next sync, every
+    # `sync_every` steps (and at a canvas's last step); 0 = auto: 1 on CPU (a sync is free), 4 on GPUs
+    sync_every: int = 0
 
 
 @dataclass
@@ -92,6 +95,10 @@ class Engine:
         self.argmax = torch.zeros(b, c, dtype=torch.long, device=model.device)
         self.soft = torch.zeros(b, c, h, dtype=model.dtype, device=model.device)
         self.history: torch.Tensor | None = None
+        self.frozen = torch.zeros(b, dtype=torch.bool, device=model.device)  # stopped, not yet committed
+        self.steps_taken = torch.zeros(b, dtype=torch.long, device=model.device)
+        self._since_sync = 0
+        self.sync_every = self.config.sync_every or (1 if model.device.type == "cpu" else 4)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self.nfe = 0  # denoiser calls (batched)
@@ -124,47 +131,62 @@ class Engine:
         b = len(self.rows)
         hidden = self._denoise(self.model, self.cache, self.canvas[:b], self.soft[:b])
         self.nfe += 1
-        dev = self.model.device
+        canvas, argmax, history, soft, stop = self._sample(hidden)
+        # rows that already stopped (between host syncs) keep their state, as the reference freezes them
+        live = ~self.frozen[:b]
+        self.canvas[:b] = torch.where(live[:, None], canvas, self.canvas[:b])
+        self.argmax[:b] = torch.where(live[:, None], argmax, self.argmax[:b])
+        self.history[:b] = torch.where(live[:, None, None], history, self.history[:b])
+        self.soft[:b] = torch.where(live[:, None, None], soft, self.soft[:b])
+        self.steps_taken[:b] += live
+        self.frozen[:b] |= stop
+        self._since_sync += 1
+        for r in self.rows:
+            r.steps_left -= 1
+        drafts = any(r.request.on_draft is not None for r in self.rows)
+        if not (drafts or self._since_sync >= self.sync_every or any(r.steps_left == 0 for r in self.rows)):
+            return
+        # sync: one per `sync_every` steps (and at a canvas's last step) decides which rows commit
+        self._since_sync = 0
+        frozen, taken = self.frozen[:b].tolist(), self.steps_taken[:b].tolist()
+        for row, r in enumerate(self.rows):
+            r.steps_taken = taken[row]
+            if r.request.on_draft is not None:
+                r.request.on_draft(r.request, self.argmax[row].tolist())
+        self._commit([i for i, r in enumerate(self.rows) if frozen[i] or r.steps_left == 0])
+
+    def _sample(self, hidden: torch.Tensor):
+        """Fused sampler, acceptance, renoise and the stopping test for rows 0..B-1 (all on device)."""
+        b, dev = hidden.shape[0], self.model.device
+        gens = [r.request.gen for r in self.rows]
         seeds = torch.tensor([r.request.seed for r in self.rows], device=dev)
         canvas_idx = torch.tensor([r.canvas_index for r in self.rows], device=dev)
         steps_left = torch.tensor([r.steps_left for r in self.rows], device=dev)
-        gens = [r.request.gen for r in self.rows]
         n_steps = torch.tensor([g.max_denoising_steps for g in gens], dtype=torch.int32, device=dev)
         t_min = torch.tensor([g.t_min for g in gens], dtype=torch.float32, device=dev)
         t_max = torch.tensor([g.t_max for g in gens], dtype=torch.float32, device=dev)
         # the reference's fp32 schedule: t_min + (t_max - t_min) * (step / N)
         temperature = t_min + (t_max - t_min) * (steps_left.to(torch.int32) / n_steps)
         u = rng.uniform(seeds, canvas_idx, steps_left, self.canvas_length, STREAM_SAMPLE)
-        stack = self.model.stack
-        out = fused_sample(hidden, stack.embed_tokens.weight, self.model.config.embed_scale,
-                           self.model.config.final_logit_softcapping, temperature, u, self.config.sampler_chunk)
+        cfg = self.model.config
+        out = fused_sample(hidden, self.model.stack.embed_tokens.weight, cfg.embed_scale, cfg.final_logit_softcapping,
+                           temperature, u, self.config.sampler_chunk)
         bounds = {g.entropy_bound for g in gens}
         if len(bounds) == 1:
             accepted = accept_mask(out.entropy, bounds.pop())
         else:
             accepted = torch.cat([accept_mask(out.entropy[i:i + 1], g.entropy_bound) for i, g in enumerate(gens)])
         noise = rng.randint(seeds, canvas_idx, steps_left, self.canvas_length, STREAM_NOISE, self.vocab)
-        self.canvas[:b] = torch.where(accepted, out.sampled, noise)
+        canvas = torch.where(accepted, out.sampled, noise)
         # each row compares its argmax with its last k argmax canvases (k = its stability_threshold)
         width = self.history.shape[1]
         k = torch.tensor([g.stability_threshold for g in gens], device=dev)
         ignored = torch.arange(width, device=dev)[None] < (width - k)[:, None]  # (B, width)
-        same = (self.history[:b] == out.argmax[:, None]).all(-1)
-        stable = (same | ignored).all(-1)
-        self.history[:b] = torch.roll(self.history[:b], shifts=-1, dims=1)
-        self.history[:b, -1] = out.argmax
-        self.argmax[:b] = out.argmax
-        self.soft[:b] = out.soft_embeds
+        stable = ((self.history[:b] == out.argmax[:, None]).all(-1) | ignored).all(-1)
+        history = torch.cat([self.history[:b, 1:], out.argmax[:, None]], dim=1)
         conf = torch.tensor([g.confidence_threshold for g in gens], device=dev)
         stop = stable & (out.entropy.mean(-1) < conf)
-        stop_list = stop.tolist()  # sync: one per step, decides which rows commit
-        for row, r in enumerate(self.rows):
-            r.steps_left -= 1
-            r.steps_taken += 1
-            if r.request.on_draft is not None:
-                r.request.on_draft(r.request, self.argmax[row].tolist())
-        done_rows = [i for i, r in enumerate(self.rows) if stop_list[i] or r.steps_left == 0]
-        self._commit(done_rows)
+        return canvas, out.argmax, history, out.soft_embeds, stop
 
     # -- internals ------------------------------------------------------------------------------------
     def _validate(self, request: Request) -> None:
@@ -213,6 +235,8 @@ class Engine:
                                        torch.tensor([0], device=dev), self.canvas_length, STREAM_INIT, self.vocab)[0]
         self.soft[row].zero_()
         self.history[row].fill_(-1)  # as the reference: no argmax equals -1 on the first step
+        self.frozen[row] = False
+        self.steps_taken[row] = 0
 
     def _commit(self, done_rows: list[int]) -> None:
         finished = []
@@ -255,6 +279,8 @@ class Engine:
                 self.argmax[row] = self.argmax[last]
                 self.soft[row] = self.soft[last]
                 self.history[row] = self.history[last]
+                self.frozen[row] = self.frozen[last]
+                self.steps_taken[row] = self.steps_taken[last]
                 self.rows[row] = self.rows[last]
             self.rows.pop()
 
