@@ -198,6 +198,10 @@ class Engine:
         need = len(request.prompt) + (canvases - 1) * self.canvas_length
         if request.extend_context:
             need += self.cache.lengths[0]
+        positions = need + self.canvas_length
+        if positions > self.model.config.max_position_embeddings:
+            raise ValueError(f"prompt plus max_new_tokens reaches position {positions}, beyond the model's "
+                             f"{self.model.config.max_position_embeddings}")
         if need > self.config.max_context:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_new_tokens "
                              f"({request.gen.max_new_tokens}) needs {need} context slots; the engine has "
