@@ -65,6 +65,10 @@ def correctness(device):
                  for i, p in enumerate(prompts)]
         batched = [r.output for r in Engine(model, EngineConfig(3, 256)).generate(prompts, gen, [7, 8, 9])]
         record(f"correct_batch_invariance_{str(dtype)[6:]}", alone == batched)  # bf16: GEMM tiling may differ
+        if torch.device(device).type == "cuda":
+            graphs = [r.output for r in Engine(model, EngineConfig(3, 256, cuda_graphs=True)).generate(
+                prompts, gen, [7, 8, 9])]
+            record(f"correct_cuda_graphs_equal_eager_{str(dtype)[6:]}", graphs == batched)
 
 
 def bandwidth(device, nbytes):
@@ -86,16 +90,19 @@ def engine_runs(model, device, tiny):
     gen = GenerationConfig(max_denoising_steps=16, confidence_threshold=0.0, eos_token_ids=())
     prompt, new = (64, 128) if tiny else (512, 1024)
     bw = RESULTS["copy_bandwidth_gb_s"] * 1e9
+    graphs_options = (False, True) if torch.device(device).type == "cuda" else (False,)
     for batch in (1, 4, 16):
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        r = run_engine(model, gen.replace(max_new_tokens=new), BenchConfig(prompt_tokens=prompt, max_new_tokens=new,
-                                                                           batch=batch, repeats=1, warmup=1))
-        floor_ms = _weight_bytes_per_step(model, batch * model.config.canvas_length) / bw * 1e3
-        r["floor_ms_per_step"] = floor_ms
-        r["step_over_floor"] = r["ms_per_step"] / floor_ms
-        record(f"engine_batch{batch}", r)
+        for graphs in graphs_options:
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            bench = BenchConfig(prompt_tokens=prompt, max_new_tokens=new, batch=batch, repeats=1, warmup=1,
+                                cuda_graphs=graphs)
+            r = run_engine(model, gen.replace(max_new_tokens=new), bench)
+            floor_ms = _weight_bytes_per_step(model, batch * model.config.canvas_length) / bw * 1e3
+            r["floor_ms_per_step"] = floor_ms
+            r["step_over_floor"] = r["ms_per_step"] / floor_ms
+            record(f"engine_batch{batch}" + ("_graphs" if graphs else ""), r)
 
 
 def transformers_baseline(cfg, device, tiny):
@@ -179,9 +186,10 @@ def main():
         torch.cuda.empty_cache()
     try:
         transformers_baseline(cfg, device, args.tiny)
-        if "transformers_ms_per_step" in RESULTS and "engine_batch1" in RESULTS:
-            record("step_ratio_vs_transformers",
-                   RESULTS["transformers_ms_per_step"] / RESULTS["engine_batch1"]["ms_per_step"])
+        for key in ("engine_batch1", "engine_batch1_graphs"):
+            if "transformers_ms_per_step" in RESULTS and key in RESULTS:
+                record(f"step_ratio_vs_transformers_{key}",
+                       RESULTS["transformers_ms_per_step"] / RESULTS[key]["ms_per_step"])
     except Exception:
         record("transformers_error", traceback.format_exc())
     Path(args.out).write_text(json.dumps(RESULTS, indent=2))

@@ -232,3 +232,23 @@ def test_fewer_host_syncs_same_tokens(hf_checkpoint, monkeypatch):
         results.append([(r.output, r.steps) for r in engine.generate(prompts, gen, [1, 2, 3])])
     assert results[0] == results[1]
     assert any(s != [12, 12, 12] for _, s in results[0])  # rows stopped early, at different steps
+
+
+def test_static_shape_forward_matches_dynamic():
+    """`denoise_rows_static` (the body of the CUDA graphs) equals `denoise_rows`, padding rows included."""
+    from dgemma.engine.runner import denoise_rows_static
+
+    model = _model(seed=9, sliding_window=12, canvas_length=8)
+    cache = StaticKVCache(model.config, 4, 128, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    for row, n in enumerate([5, 30, 11]):
+        encode_row(model, cache, row, torch.randint(3, model.config.vocab_size, (1, n), generator=g))
+    canvas = torch.randint(0, model.config.vocab_size, (3, 8), generator=g)
+    soft = model.soft_embed(torch.randn(3, 8, model.config.vocab_size, generator=g))
+    dynamic = denoise_rows(model, cache, canvas, soft)
+    padded_canvas = torch.cat([canvas, torch.zeros(1, 8, dtype=torch.long)])
+    padded_soft = torch.cat([soft, torch.zeros(1, 8, soft.shape[-1])])
+    static = denoise_rows_static(model, cache, padded_canvas, padded_soft, torch.tensor([5, 30, 11, 0]))
+    torch.testing.assert_close(static[:3], dynamic, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(model, EngineConfig(max_batch=2, max_context=64, cuda_graphs=True))

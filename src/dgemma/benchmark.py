@@ -33,6 +33,7 @@ class BenchConfig:
     seed: int = 0
     baseline: str | None = None  # None | "transformers" | "ar"
     compile: bool = False  # torch.compile the engine's denoising forward
+    cuda_graphs: bool = False  # replay the denoising forward as CUDA graphs
 
 
 def _sync(device: torch.device) -> None:
@@ -65,7 +66,8 @@ def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -
     prompts = [torch.randint(3, model.config.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
                for _ in range(cfg.batch)]
     context = cfg.prompt_tokens + cfg.max_new_tokens + model.config.canvas_length
-    engine = Engine(model, EngineConfig(max_batch=cfg.batch, max_context=context, compile=cfg.compile))
+    engine = Engine(model, EngineConfig(max_batch=cfg.batch, max_context=context, compile=cfg.compile,
+                                        cuda_graphs=cfg.cuda_graphs))
     for _ in range(cfg.warmup):
         engine.generate(prompts, gen.replace(max_new_tokens=model.config.canvas_length), list(range(cfg.batch)))
     if device.type == "cuda":
@@ -175,7 +177,7 @@ def benchmark(model: DiffusionGemma, model_dir: Path | None, gen: GenerationConf
               "parameters": sum(p.numel() for p in model.parameters()), "batch": cfg.batch,
               "prompt_tokens": cfg.prompt_tokens, "max_new_tokens": gen.max_new_tokens,
               "max_denoising_steps": gen.max_denoising_steps, "confidence_threshold": gen.confidence_threshold,
-              "compile": cfg.compile}
+              "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs}
     if model.device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(model.device)
     result.update(run_engine(model, gen, cfg))

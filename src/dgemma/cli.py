@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     from dgemma.benchmark import BenchConfig
 
     for f in dataclasses.fields(BenchConfig):
-        if f.name == "compile":
-            bn.add_argument("--compile", action="store_true", help="torch.compile the denoising forward")
+        if f.name in ("compile", "cuda_graphs"):
+            bn.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f"engine option {f.name}")
             continue
         kind = float if "threshold" in f.name else int if f.name != "baseline" else str
         bn.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)

@@ -28,7 +28,7 @@ import torch
 from dgemma.config import GenerationConfig
 from dgemma.engine import rng
 from dgemma.engine.kv_cache import StaticKVCache
-from dgemma.engine.runner import denoise_rows, encode_row
+from dgemma.engine.runner import DenoiseGraphs, denoise_rows, encode_row
 from dgemma.engine.sampler import fused_sample
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import accept_mask
@@ -43,6 +43,7 @@ class EngineConfig:
     max_context: int = 4096
     sampler_chunk: int = 1024  # positions per fused-sampler chunk (memory: chunk x V fp32)
     compile: bool = False  # torch.compile the denoising forward (slow first call; pays off for long runs)
+    cuda_graphs: bool = False  # replay the denoising forward as a CUDA graph per batch bucket (CUDA only)
     # host syncs: rows that stop are frozen on the device and committed at the next sync, every
     # `sync_every` steps (and at a canvas's last step); 0 = auto: 1 on CPU (a sync is free), 4 on GPUs
     sync_every: int = 0
@@ -103,6 +104,11 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.nfe = 0  # denoiser calls (batched)
         self._denoise = torch.compile(denoise_rows, dynamic=True) if self.config.compile else denoise_rows
+        self._graphs = None
+        if self.config.cuda_graphs:
+            if model.device.type != "cuda":
+                raise ValueError("cuda_graphs needs a CUDA device")
+            self._graphs = DenoiseGraphs(model, self.cache)
 
     # -- public ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -129,7 +135,11 @@ class Engine:
         if not self.rows:
             return
         b = len(self.rows)
-        hidden = self._denoise(self.model, self.cache, self.canvas[:b], self.soft[:b])
+        if self._graphs is not None:
+            lengths = torch.tensor(self.cache.lengths[:b], device=self.model.device)
+            hidden = self._graphs(self.canvas[:b], self.soft[:b], lengths)
+        else:
+            hidden = self._denoise(self.model, self.cache, self.canvas[:b], self.soft[:b])
         self.nfe += 1
         canvas, argmax, history, soft, stop = self._sample(hidden)
         # rows that already stopped (between host syncs) keep their state, as the reference freezes them

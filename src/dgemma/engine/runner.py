@@ -55,7 +55,10 @@ def _experts_grouped(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch
     t, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offsets = torch.cumsum(torch.bincount(flat, minlength=experts.num_experts), 0).to(torch.int32)
+    # histc, not bincount: no host sync, so this can live inside a CUDA graph (int input on CUDA)
+    counts = torch.histc(flat.float() if flat.device.type == "cpu" else flat.int(), bins=experts.num_experts,
+                         min=0, max=experts.num_experts - 1)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
     xs = x[order // k]
     gate, up = torch._grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
     y = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, experts.down_proj.transpose(1, 2), offs=offsets)
@@ -152,25 +155,51 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
 def denoise_rows(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor,
                  soft_embeds: torch.Tensor) -> torch.Tensor:
     """One bidirectional pass for rows 0..B-1: canvas (B, C), soft embeddings of the previous step's
-    distribution (B, C, H) (zeros on a canvas's first step). Returns final-normed hidden states (B, C, H)."""
-    stack = model.stack
+    distribution (B, C, H) (zeros on a canvas's first step). Returns final-normed hidden states (B, C, H).
+    Attends to exactly the stored context (shapes follow the host-side lengths)."""
     b, c = canvas.shape
     lengths = cache.lengths[:b]
     device = canvas.device
     ctx = max(lengths)
-    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(c, device=device)[None]
+    lengths_t = torch.tensor(lengths, device=device)
+    full_mask = ring_mask = None
+    if min(lengths) != ctx:  # rows with different contexts: mask the unused context slots
+        slot = torch.arange(c + ctx, device=device)
+        full_mask = (slot[None] < c + lengths_t[:, None])[:, None, None]
+    if min(lengths) < cache.ring:
+        ring_mask = _ring_mask(cache, b, c)
+    return _denoise(model, cache, canvas, soft_embeds, lengths_t, c + ctx, full_mask, ring_mask)
+
+
+@torch.no_grad()
+def denoise_rows_static(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor,
+                        soft_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`denoise_rows` with shapes that depend only on the batch size: every context slot is attended
+    under a mask built on the device from `lengths` (B,). No host value enters, so it can be captured
+    in a CUDA graph and replayed for any context length."""
+    b, c = canvas.shape
+    slot = torch.arange(c + cache.max_context, device=canvas.device)
+    full_mask = (slot[None] < c + lengths[:, None])[:, None, None]
+    return _denoise(model, cache, canvas, soft_embeds, lengths, c + cache.max_context, full_mask,
+                    _ring_mask(cache, b, c))
+
+
+def _ring_mask(cache: StaticKVCache, b: int, c: int) -> torch.Tensor:
+    valid = torch.cat([torch.ones(b, c, dtype=torch.bool, device=cache.ring_pos.device), cache.ring_pos[:b] >= 0], 1)
+    return valid[:, None, None]
+
+
+def _denoise(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor, soft_embeds: torch.Tensor,
+             lengths: torch.Tensor, full_len: int, full_mask: torch.Tensor | None,
+             ring_mask: torch.Tensor | None) -> torch.Tensor:
+    stack = model.stack
+    b, c = canvas.shape
+    positions = lengths[:, None] + torch.arange(c, device=canvas.device)[None]
     sc = stack.self_conditioning
     n = _norm(sc.pre_norm, soft_embeds)
     signal = sc.down_proj(F.gelu(sc.gate_proj(n), approximate="tanh") * sc.up_proj(n))
     x = _norm(sc.post_norm, stack.embed(canvas) + signal)
     rope = _rope(model, positions, x.dtype)
-    full_mask = ring_mask = None
-    if min(lengths) != ctx:  # rows with different contexts: mask the unused context slots
-        slot = torch.arange(c + ctx, device=device)
-        full_mask = (slot[None] < c + torch.tensor(lengths, device=device)[:, None])[:, None, None]
-    if min(lengths) < cache.ring:
-        valid = torch.cat([torch.ones(b, c, dtype=torch.bool, device=device), cache.ring_pos[:b] >= 0], 1)
-        ring_mask = valid[:, None, None]
     for i, layer in enumerate(stack.layers):
         attn = layer.self_attn
         sliding = attn.is_sliding
@@ -182,6 +211,52 @@ def denoise_rows(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tens
         if sliding:
             out = _attend(attn, q, kc[:b], vc[:b], ring_mask)
         else:
-            out = _attend(attn, q, kc[:b, :, :c + ctx], vc[:b, :, :c + ctx], full_mask)
+            out = _attend(attn, q, kc[:b, :, :full_len], vc[:b, :, :full_len], full_mask)
         x = _feed_forward(layer, x, out)
     return _norm(stack.norm, x)
+
+
+class DenoiseGraphs:
+    """CUDA graphs of `denoise_rows_static`, one per batch bucket (1, 2, 4, ... max_batch), captured on
+    first use. A step copies its inputs into the bucket's static buffers (padding rows get context 0),
+    replays the graph and returns a view of the static output. The eager twin is `denoise_rows_static`."""
+
+    def __init__(self, model: DiffusionGemma, cache: StaticKVCache) -> None:
+        self.model, self.cache = model, cache
+        self.graphs: dict[int, tuple] = {}
+
+    def bucket(self, b: int) -> int:
+        size = 1
+        while size < b:
+            size *= 2
+        return min(size, self.cache.max_batch)
+
+    def __call__(self, canvas: torch.Tensor, soft_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b = canvas.shape[0]
+        size = self.bucket(b)
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size, canvas, soft_embeds)
+        graph, static_canvas, static_soft, static_lengths, static_out = self.graphs[size]
+        static_canvas[:b].copy_(canvas)
+        static_soft[:b].copy_(soft_embeds)
+        static_lengths[:b].copy_(lengths)
+        if size > b:
+            static_lengths[b:].zero_()
+        graph.replay()
+        return static_out[:b]
+
+    def _capture(self, size: int, canvas: torch.Tensor, soft_embeds: torch.Tensor):
+        c, h = canvas.shape[1], soft_embeds.shape[2]
+        static_canvas = torch.zeros(size, c, dtype=canvas.dtype, device=canvas.device)
+        static_soft = torch.zeros(size, c, h, dtype=soft_embeds.dtype, device=canvas.device)
+        static_lengths = torch.zeros(size, dtype=torch.long, device=canvas.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels and the allocator outside the graph
+            for _ in range(2):
+                denoise_rows_static(self.model, self.cache, static_canvas, static_soft, static_lengths)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = denoise_rows_static(self.model, self.cache, static_canvas, static_soft, static_lengths)
+        return graph, static_canvas, static_soft, static_lengths, static_out
