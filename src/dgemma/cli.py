@@ -169,17 +169,10 @@ def _generation_config(args: argparse.Namespace, base: GenerationConfig) -> Gene
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    dtype = parse_dtype(args.dtype) if args.dtype else None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     t0 = time.perf_counter()
-    try:
-        args.model = str(resolve_model(args.model))
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
-    model, _ = load_model(args.model, dtype=dtype, device=args.device)
-    tokenizer = Tokenizer.from_directory(args.model)
-    gen = _generation_config(args, read_generation_config(args.model, model.config))
+    model_dir, model, tokenizer, gen = _load_for_serving(args)
+    args.model = str(model_dir)
+    gen = _generation_config(args, gen)
     ids = _prompt_ids(args, tokenizer)
     if max(ids) >= model.config.vocab_size or min(ids) < 0:
         raise UsageError(f"prompt token ids must lie in [0, {model.config.vocab_size})")

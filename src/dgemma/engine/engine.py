@@ -32,6 +32,7 @@ from dgemma.engine.runner import DenoiseGraphs, denoise_rows, encode_row
 from dgemma.engine.sampler import fused_sample
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import accept_mask
+from dgemma.sampler.reference import trim_generated
 
 STREAM_INIT, STREAM_SAMPLE, STREAM_NOISE = 0, 1, 2
 MAX_STABILITY = 8
@@ -258,17 +259,10 @@ class Engine:
             r = self.rows[row]
             req = r.request
             req.steps.append(r.steps_taken)
-            canvas = self.argmax[row].tolist()
             remaining = req.gen.max_new_tokens - len(req.output)
-            emitted, reason = [], None
-            eos = set(req.gen.eos_token_ids)
-            for tok in canvas[:remaining]:
-                if tok in eos:
-                    reason = "stop"
-                    break
-                emitted.append(tok)
-            if reason is None and len(req.output) + len(emitted) >= req.gen.max_new_tokens:
-                reason = "length"
+            emitted, reason = trim_generated(self.argmax[row].tolist(), remaining, req.gen.eos_token_ids)
+            if reason == "length" and len(emitted) < remaining:
+                reason = None  # neither an end token nor the last token asked for: the next canvas follows
             req.output.extend(emitted)
             if req.first_token_at is None:
                 req.first_token_at = time.perf_counter()
