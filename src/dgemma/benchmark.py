@@ -89,10 +89,7 @@ def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -
     tokens = sum(len(r.output) for r in reqs)
     steps = [s for r in reqs for s in r.steps]
     ttft = min(r.first_token_at for r in reqs) - min(r.submitted_at for r in reqs)
-    ms_step = None
-    # time one isolated step at this batch for ms/step and bandwidth
-    step_ms = _time_step(model, engine, prompts, gen)
-    ms_step = step_ms
+    ms_step = _time_step(model, engine, prompts, gen)  # one isolated step at this batch: ms/step, bandwidth
     weight_bytes = _weight_bytes_per_step(model, cfg.batch * model.config.canvas_length)
     return {
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "ttft_s": ttft,

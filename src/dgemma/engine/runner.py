@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dgemma.config import SLIDING
 from dgemma.engine.kv_cache import StaticKVCache
-from dgemma.model.modeling import Attention, DiffusionGemma, apply_rope, rope_cos_sin
+from dgemma.model.modeling import Attention, DiffusionGemma, apply_rope
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -99,11 +99,6 @@ def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-def _rope(model: DiffusionGemma, positions: torch.Tensor, dtype: torch.dtype):
-    stack = model.stack
-    return {t: rope_cos_sin(getattr(stack, f"{t}_inv_freq"), positions, dtype) for t in set(model.config.layer_types)}
-
-
 @torch.no_grad()
 def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch.Tensor) -> None:
     """Causal pass over `ids` (1, S) appended to row `row`'s context; writes K/V, returns nothing."""
@@ -115,7 +110,7 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
     device = ids.device
     new_pos = torch.arange(n, n + s, device=device)
     x = stack.embed(ids)
-    rope = _rope(model, new_pos[None], x.dtype)
+    rope = model.stack.rope(new_pos[None], x.dtype)
     ring_pos = cache.ring_pos[row]
     ring_slots = c + new_pos[-ring:] % ring if ring > 0 else None
     last = len(stack.layers) - 1
@@ -199,7 +194,7 @@ def _denoise(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor, 
     n = _norm(sc.pre_norm, soft_embeds)
     signal = sc.down_proj(F.gelu(sc.gate_proj(n), approximate="tanh") * sc.up_proj(n))
     x = _norm(sc.post_norm, stack.embed(canvas) + signal)
-    rope = _rope(model, positions, x.dtype)
+    rope = model.stack.rope(positions, x.dtype)
     for i, layer in enumerate(stack.layers):
         attn = layer.self_attn
         sliding = attn.is_sliding

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dgemma.config import FULL, SLIDING
-from dgemma.model.modeling import DiffusionGemma, rope_cos_sin
+from dgemma.model.modeling import DiffusionGemma
 
 
 @dataclass
@@ -119,8 +119,7 @@ def joint_forward(model: DiffusionGemma, batch: Batch, noisy: torch.Tensor, self
     for kind, sliding in ((SLIDING, True), (FULL, False)):
         masks[kind] = (encoder_mask(valid, cfg.sliding_window, sliding),
                        decoder_mask(dec_start, dec_lens, s, r, cfg.canvas_length, cfg.sliding_window, sliding))
-    rope_enc = {t: rope_cos_sin(getattr(stack, f"{t}_inv_freq"), enc_pos, x_enc.dtype) for t in set(cfg.layer_types)}
-    rope_dec = {t: rope_cos_sin(getattr(stack, f"{t}_inv_freq"), dec_pos, x_enc.dtype) for t in set(cfg.layer_types)}
+    rope_enc, rope_dec = stack.rope(enc_pos, x_enc.dtype), stack.rope(dec_pos, x_enc.dtype)
     for layer in stack.layers:
         attn = layer.self_attn
         kind = SLIDING if attn.is_sliding else FULL
