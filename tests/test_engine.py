@@ -252,3 +252,48 @@ def test_static_shape_forward_matches_dynamic():
     torch.testing.assert_close(static[:3], dynamic, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="CUDA"):
         Engine(model, EngineConfig(max_batch=2, max_context=64, cuda_graphs=True))
+
+
+def test_packed_weights_keep_the_model_and_its_checkpoint(tmp_path):
+    """fast_weights re-points the parameters at packed (CPU: input-major) storage: same values, same
+    reference logits, same saved checkpoint; replacing the parameters rebuilds the packing."""
+    from dgemma.engine.runner import fast_weights
+    from dgemma.model.loading import save_model
+
+    model = _model(seed=11)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = model.new_cache()
+    model.encode(torch.tensor([[2, 7, 9, 4]]), cache)
+    canvas = torch.randint(0, model.config.vocab_size, (1, model.config.canvas_length))
+    ref = model.denoise(canvas, cache)
+    fw = fast_weights(model)
+    attn = model.stack.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == fw.layers[0].qkv.untyped_storage().data_ptr()
+    assert not attn.q_proj.weight.is_contiguous()  # input-major on CPU
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(model.denoise(canvas, cache), ref, atol=1e-5, rtol=1e-5)
+    save_model(model, tmp_path)
+    reloaded, _ = load_model(tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
+    assert fast_weights(model) is fw  # cached
+    model.double()
+    assert fast_weights(model) is not fw and fast_weights(model).layers[0].qkv.dtype == torch.float64
+
+
+def test_rng_hash_matches_plain_integer_arithmetic():
+    """The int64 tensor hash equals the same 32-bit mixer in Python integers: no step overflows (compiled
+    code would be free to miscompute an overflow)."""
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.cat([torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64),
+                    torch.tensor([0, 1, 2**31, 2**32 - 1])])
+    assert rng.hash32(xs).tolist() == [mix(x) for x in xs.tolist()]
+    u = rng.uniform(torch.tensor([-5, 2**40]), torch.tensor([3, 0]), torch.tensor([7, 1]), 64, 1)
+    assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1

@@ -28,8 +28,8 @@ import torch
 from dgemma.config import GenerationConfig
 from dgemma.engine import rng
 from dgemma.engine.kv_cache import StaticKVCache
-from dgemma.engine.runner import DenoiseGraphs, denoise_rows, encode_row
-from dgemma.engine.sampler import fused_sample
+from dgemma.engine.runner import DenoiseGraphs, FastWeights, denoise_masked, denoise_rows, encode_row, fast_weights
+from dgemma.engine.sampler import embed_scale_in, fused_sample
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import accept_mask
 from dgemma.sampler.reference import trim_generated
@@ -93,21 +93,34 @@ class Engine:
         self.vocab = mc.vocab_size
         self.cache = StaticKVCache(mc, self.config.max_batch, self.config.max_context, model.device, model.dtype)
         b, c, h = self.config.max_batch, mc.canvas_length, mc.hidden_size
-        self.canvas = torch.zeros(b, c, dtype=torch.long, device=model.device)
-        self.argmax = torch.zeros(b, c, dtype=torch.long, device=model.device)
-        self.soft = torch.zeros(b, c, h, dtype=model.dtype, device=model.device)
-        self.history: torch.Tensor | None = None
-        self.frozen = torch.zeros(b, dtype=torch.bool, device=model.device)  # stopped, not yet committed
-        self.steps_taken = torch.zeros(b, dtype=torch.long, device=model.device)
+        dev = model.device
+
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=dev)
+
+        # every per-row tensor the step reads or writes, on the device; rows move together on release
+        self.state: dict[str, torch.Tensor] = {
+            "canvas": zeros(b, c), "argmax": zeros(b, c), "soft": zeros(b, c, h, dtype=model.dtype),
+            "history": torch.full((b, MAX_STABILITY, c), -1, dtype=torch.long, device=dev),
+            "frozen": zeros(b, dtype=torch.bool),  # stopped, not yet committed
+            "steps_taken": zeros(b), "steps_left": zeros(b), "seed": zeros(b), "canvas_index": zeros(b),
+            "n_steps": zeros(b, dtype=torch.int32), "t_min": zeros(b, dtype=torch.float32),
+            "t_max": zeros(b, dtype=torch.float32), "stability": zeros(b),
+            "confidence": zeros(b, dtype=torch.float32), "entropy_bound": zeros(b, dtype=torch.float32),
+        }
+        self.embed_scale = embed_scale_in(mc.embed_scale, model.dtype)
         self._since_sync = 0
-        self.sync_every = self.config.sync_every or (1 if model.device.type == "cpu" else 4)
+        self.sync_every = self.config.sync_every or (1 if dev.type == "cpu" else 4)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self.nfe = 0  # denoiser calls (batched)
-        self._denoise = torch.compile(denoise_rows, dynamic=True) if self.config.compile else denoise_rows
+        fast_weights(model)  # pack the weights once, up front
+        self._compiled = None
+        if self.config.compile:  # the whole step (forward, sampler, state update) as one compiled graph
+            self._compiled = torch.compile(_denoise_and_advance)
         self._graphs = None
         if self.config.cuda_graphs:
-            if model.device.type != "cuda":
+            if dev.type != "cuda":
                 raise ValueError("cuda_graphs needs a CUDA device")
             self._graphs = DenoiseGraphs(model, self.cache)
 
@@ -136,21 +149,26 @@ class Engine:
         if not self.rows:
             return
         b = len(self.rows)
-        if self._graphs is not None:
-            lengths = torch.tensor(self.cache.lengths[:b], device=self.model.device)
-            hidden = self._graphs(self.canvas[:b], self.soft[:b], lengths)
+        st = {k: v[:b] for k, v in self.state.items()}
+        fw = fast_weights(self.model)
+        head = fw.head
+        if self._compiled is not None:
+            lengths = self.cache.lengths[:b]
+            # the context length reaches the graph as the (dynamic) size of `slots`: one graph for all lengths
+            slots = torch.arange(self.canvas_length + max(lengths), device=self.model.device)
+            torch._dynamo.maybe_mark_dynamic(slots, 0)
+            new = self._compiled(self.model, fw, self.cache, st, torch.tensor(lengths, device=self.model.device),
+                                 slots, self.embed_scale, self.config.sampler_chunk)
         else:
-            hidden = self._denoise(self.model, self.cache, self.canvas[:b], self.soft[:b])
+            if self._graphs is not None:
+                lengths = torch.tensor(self.cache.lengths[:b], device=self.model.device)
+                hidden = self._graphs(st["canvas"], st["soft"], lengths)
+            else:
+                hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"])
+            new = advance(self.model, head, hidden, st, self.embed_scale, self.config.sampler_chunk)
+        for k, v in new.items():
+            st[k].copy_(v)
         self.nfe += 1
-        canvas, argmax, history, soft, stop = self._sample(hidden)
-        # rows that already stopped (between host syncs) keep their state, as the reference freezes them
-        live = ~self.frozen[:b]
-        self.canvas[:b] = torch.where(live[:, None], canvas, self.canvas[:b])
-        self.argmax[:b] = torch.where(live[:, None], argmax, self.argmax[:b])
-        self.history[:b] = torch.where(live[:, None, None], history, self.history[:b])
-        self.soft[:b] = torch.where(live[:, None, None], soft, self.soft[:b])
-        self.steps_taken[:b] += live
-        self.frozen[:b] |= stop
         self._since_sync += 1
         for r in self.rows:
             r.steps_left -= 1
@@ -159,45 +177,12 @@ class Engine:
             return
         # sync: one per `sync_every` steps (and at a canvas's last step) decides which rows commit
         self._since_sync = 0
-        frozen, taken = self.frozen[:b].tolist(), self.steps_taken[:b].tolist()
+        frozen, taken = st["frozen"].tolist(), st["steps_taken"].tolist()
         for row, r in enumerate(self.rows):
             r.steps_taken = taken[row]
             if r.request.on_draft is not None:
-                r.request.on_draft(r.request, self.argmax[row].tolist())
+                r.request.on_draft(r.request, st["argmax"][row].tolist())
         self._commit([i for i, r in enumerate(self.rows) if frozen[i] or r.steps_left == 0])
-
-    def _sample(self, hidden: torch.Tensor):
-        """Fused sampler, acceptance, renoise and the stopping test for rows 0..B-1 (all on device)."""
-        b, dev = hidden.shape[0], self.model.device
-        gens = [r.request.gen for r in self.rows]
-        seeds = torch.tensor([r.request.seed for r in self.rows], device=dev)
-        canvas_idx = torch.tensor([r.canvas_index for r in self.rows], device=dev)
-        steps_left = torch.tensor([r.steps_left for r in self.rows], device=dev)
-        n_steps = torch.tensor([g.max_denoising_steps for g in gens], dtype=torch.int32, device=dev)
-        t_min = torch.tensor([g.t_min for g in gens], dtype=torch.float32, device=dev)
-        t_max = torch.tensor([g.t_max for g in gens], dtype=torch.float32, device=dev)
-        # the reference's fp32 schedule: t_min + (t_max - t_min) * (step / N)
-        temperature = t_min + (t_max - t_min) * (steps_left.to(torch.int32) / n_steps)
-        u = rng.uniform(seeds, canvas_idx, steps_left, self.canvas_length, STREAM_SAMPLE)
-        cfg = self.model.config
-        out = fused_sample(hidden, self.model.stack.embed_tokens.weight, cfg.embed_scale, cfg.final_logit_softcapping,
-                           temperature, u, self.config.sampler_chunk)
-        bounds = {g.entropy_bound for g in gens}
-        if len(bounds) == 1:
-            accepted = accept_mask(out.entropy, bounds.pop())
-        else:
-            accepted = torch.cat([accept_mask(out.entropy[i:i + 1], g.entropy_bound) for i, g in enumerate(gens)])
-        noise = rng.randint(seeds, canvas_idx, steps_left, self.canvas_length, STREAM_NOISE, self.vocab)
-        canvas = torch.where(accepted, out.sampled, noise)
-        # each row compares its argmax with its last k argmax canvases (k = its stability_threshold)
-        width = self.history.shape[1]
-        k = torch.tensor([g.stability_threshold for g in gens], device=dev)
-        ignored = torch.arange(width, device=dev)[None] < (width - k)[:, None]  # (B, width)
-        stable = ((self.history[:b] == out.argmax[:, None]).all(-1) | ignored).all(-1)
-        history = torch.cat([self.history[:b, 1:], out.argmax[:, None]], dim=1)
-        conf = torch.tensor([g.confidence_threshold for g in gens], device=dev)
-        stop = stable & (out.entropy.mean(-1) < conf)
-        return canvas, out.argmax, history, out.soft_embeds, stop
 
     # -- internals ------------------------------------------------------------------------------------
     def _validate(self, request: Request) -> None:
@@ -235,23 +220,22 @@ class Engine:
             self.rows.append(_Row(request))
             self._start_canvas(row)
 
-    def _ensure_history(self) -> None:
-        if self.history is None:
-            self.history = torch.full((self.config.max_batch, MAX_STABILITY, self.canvas_length), -1,
-                                      dtype=torch.long, device=self.model.device)
-
     def _start_canvas(self, row: int) -> None:
-        self._ensure_history()
         r = self.rows[row]
-        r.steps_left, r.steps_taken = r.request.gen.max_denoising_steps, 0
-        dev = self.model.device
-        self.canvas[row] = rng.randint(torch.tensor([r.request.seed], device=dev),
-                                       torch.tensor([r.canvas_index], device=dev),
-                                       torch.tensor([0], device=dev), self.canvas_length, STREAM_INIT, self.vocab)[0]
-        self.soft[row].zero_()
-        self.history[row].fill_(-1)  # as the reference: no argmax equals -1 on the first step
-        self.frozen[row] = False
-        self.steps_taken[row] = 0
+        gen = r.request.gen
+        r.steps_left, r.steps_taken = gen.max_denoising_steps, 0
+        st, dev = self.state, self.model.device
+        st["canvas"][row] = rng.randint(torch.tensor([r.request.seed], device=dev),
+                                        torch.tensor([r.canvas_index], device=dev),
+                                        torch.tensor([0], device=dev), self.canvas_length, STREAM_INIT, self.vocab)[0]
+        st["soft"][row].zero_()
+        st["history"][row].fill_(-1)  # as the reference: no argmax equals -1 on the first step
+        for key, value in (("frozen", False), ("steps_taken", 0), ("steps_left", gen.max_denoising_steps),
+                           ("seed", r.request.seed), ("canvas_index", r.canvas_index),
+                           ("n_steps", gen.max_denoising_steps), ("t_min", gen.t_min), ("t_max", gen.t_max),
+                           ("stability", gen.stability_threshold), ("confidence", gen.confidence_threshold),
+                           ("entropy_bound", gen.entropy_bound)):
+            st[key][row] = value
 
     def _commit(self, done_rows: list[int]) -> None:
         finished = []
@@ -260,7 +244,7 @@ class Engine:
             req = r.request
             req.steps.append(r.steps_taken)
             remaining = req.gen.max_new_tokens - len(req.output)
-            emitted, reason = trim_generated(self.argmax[row].tolist(), remaining, req.gen.eos_token_ids)
+            emitted, reason = trim_generated(self.state["argmax"][row].tolist(), remaining, req.gen.eos_token_ids)
             if reason == "length" and len(emitted) < remaining:
                 reason = None  # neither an end token nor the last token asked for: the next canvas follows
             req.output.extend(emitted)
@@ -273,7 +257,7 @@ class Engine:
             if req.on_tokens is not None and (emitted or reason is not None):
                 req.on_tokens(req, emitted)  # the last call comes with req.done set
             if reason is None:
-                encode_row(self.model, self.cache, row, self.argmax[row:row + 1].clone())
+                encode_row(self.model, self.cache, row, self.state["argmax"][row:row + 1].clone())
                 r.canvas_index += 1
                 self._start_canvas(row)
         self._release(finished)
@@ -283,12 +267,8 @@ class Engine:
             last = len(self.rows) - 1
             if row != last:  # keep active rows compact: move the last row into the freed slot
                 self.cache.move_row(last, row)
-                self.canvas[row] = self.canvas[last]
-                self.argmax[row] = self.argmax[last]
-                self.soft[row] = self.soft[last]
-                self.history[row] = self.history[last]
-                self.frozen[row] = self.frozen[last]
-                self.steps_taken[row] = self.steps_taken[last]
+                for t in self.state.values():
+                    t[row] = t[last]
                 self.rows[row] = self.rows[last]
             self.rows.pop()
 
@@ -309,3 +289,46 @@ class Engine:
             req.finish_reason = req.finish_reason or "cancelled"
             req.finished_at = time.perf_counter()
         self._release(gone)
+
+
+def advance(model: DiffusionGemma, head: torch.Tensor, hidden: torch.Tensor, st: dict[str, torch.Tensor],
+            embed_scale: float, chunk: int) -> dict[str, torch.Tensor]:
+    """Everything after the forward for rows 0..B-1, on the device, from the state tensors `st` (sliced
+    to B rows): fused sampler, acceptance, renoise, the stopping test; returns the rows' new state.
+    Rows that already stopped (between host syncs) keep theirs, as the reference freezes them."""
+    c = hidden.shape[1]
+    steps_left = st["steps_left"]
+    # the reference's fp32 schedule: t_min + (t_max - t_min) * (step / N)
+    temperature = st["t_min"] + (st["t_max"] - st["t_min"]) * (steps_left.to(torch.int32) / st["n_steps"])
+    u = rng.uniform(st["seed"], st["canvas_index"], steps_left, c, STREAM_SAMPLE)
+    cfg = model.config
+    out = fused_sample(hidden, model.stack.embed_tokens.weight, embed_scale, cfg.final_logit_softcapping,
+                       temperature, u, chunk, head)
+    accepted = accept_mask(out.entropy, st["entropy_bound"][:, None])
+    noise = rng.randint(st["seed"], st["canvas_index"], steps_left, c, STREAM_NOISE, cfg.vocab_size)
+    canvas = torch.where(accepted, out.sampled, noise)
+    # each row compares its argmax with its last k argmax canvases (k = its stability_threshold)
+    history = st["history"]
+    width = history.shape[1]
+    ignored = torch.arange(width, device=hidden.device)[None] < (width - st["stability"])[:, None]
+    stable = ((history == out.argmax[:, None]).all(-1) | ignored).all(-1)
+    stop = stable & (out.entropy.mean(-1) < st["confidence"])
+    live = ~st["frozen"]
+    return {
+        "canvas": torch.where(live[:, None], canvas, st["canvas"]),
+        "argmax": torch.where(live[:, None], out.argmax, st["argmax"]),
+        "history": torch.where(live[:, None, None], torch.cat([history[:, 1:], out.argmax[:, None]], 1), history),
+        "soft": torch.where(live[:, None, None], out.soft_embeds, st["soft"]),
+        "steps_taken": st["steps_taken"] + live,
+        "frozen": st["frozen"] | stop,
+        "steps_left": steps_left - 1,
+    }
+
+
+def _denoise_and_advance(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, st: dict[str, torch.Tensor],
+                         lengths: torch.Tensor, slots: torch.Tensor, embed_scale: float, chunk: int
+                         ) -> dict[str, torch.Tensor]:
+    """One whole step as a function of tensors: the body `torch.compile` captures. `slots` is
+    arange(canvas_length + longest context); masks are always applied, so no host value picks a branch."""
+    hidden = denoise_masked(model, fw, cache, st["canvas"], st["soft"], lengths, slots)
+    return advance(model, fw.head, hidden, st, embed_scale, chunk)

@@ -1,58 +1,61 @@
 """Counter-based random numbers for the fast sampler.
 
-Every draw is a pure function of (request seed, canvas index, step, position, stream), hashed with
-SplitMix64 in int64 tensor arithmetic. Consequences: a request gives the same tokens alone or inside any
-batch (batch invariance), CPU and CUDA give the same draws, and a captured CUDA graph needs no generator
-state. The distribution is uniform to 2^-53 (tests/test_engine.py checks the statistics).
+Every draw is a pure function of (request seed, canvas index, step, position, stream): a 32-bit integer
+hash (Wellons' "lowbias32" mixer) chained over those counters, in int64 tensor arithmetic that never
+overflows (32 x 16-bit partial products), so eager kernels, compiled C++/Triton code and every device
+compute the same bits. Consequences: a request gives the same tokens alone or inside any batch (batch
+invariance), CPU and CUDA give the same draws, and a captured graph needs no generator state.
 
-This stream is not transformers' (`--exact` keeps the reference sampler for that).
+Uniforms have 24 random bits (the fused sampler draws in fp32); integers come from 48 bits (modulo bias
+below high / 2^48). tests/test_engine.py checks the statistics. This stream is not transformers'
+(`--exact` keeps the reference sampler for that).
 """
 
 from __future__ import annotations
 
 import torch
 
-_MASK64 = (1 << 64) - 1
+_M32 = 0xFFFFFFFF
 
 
-def _wrap(x: int) -> int:
-    """A 64-bit constant as a signed int64 (torch has no uint64 arithmetic)."""
-    x &= _MASK64
-    return x - (1 << 64) if x >= (1 << 63) else x
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for 0 <= x < 2^32 without leaving int64's range: x * (c mod 2^16) < 2^48 and the
+    high half only matters mod 2^16."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
 
 
-_GOLDEN = _wrap(0x9E3779B97F4A7C15)
-_M1 = _wrap(0xBF58476D1CE4E5B9)
-_M2 = _wrap(0x94D049BB133111EB)
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
 
 
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 values."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _M1
-    x = (x ^ _shr(x, 27)) * _M2
-    return x ^ _shr(x, 31)
+def _key(seeds: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, stream: int) -> torch.Tensor:
+    """(B,) counters -> (B,) 32-bit keys."""
+    seeds = seeds.to(torch.int64)
+    k = hash32((seeds & _M32) ^ (stream * 0x9E3779B9 & _M32))
+    k = hash32(k ^ ((seeds >> 32) & _M32))
+    k = hash32(k ^ (canvas.to(torch.int64) & _M32))
+    return hash32(k ^ (step.to(torch.int64) & _M32))
 
 
 def counters(seeds: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, length: int, stream: int) -> torch.Tensor:
-    """(B,) seeds, canvas indices and steps -> (B, length) int64 hashes, one per position."""
+    """(B,) seeds, canvas indices and steps -> (B, length) 32-bit hashes, one per position."""
     pos = torch.arange(length, device=seeds.device, dtype=torch.int64)
-    key = splitmix64(seeds.to(torch.int64) * 4 + stream)
-    key = splitmix64(key ^ (canvas.to(torch.int64) << 20) ^ step.to(torch.int64))
-    return splitmix64(key[:, None] ^ (pos[None] * _GOLDEN))
+    return hash32(_key(seeds, canvas, step, stream)[:, None] ^ pos[None])
 
 
 def uniform(seeds: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, length: int, stream: int) -> torch.Tensor:
-    """(B, length) float64 uniforms in [0, 1)."""
-    h = counters(seeds, canvas, step, length, stream)
-    return _shr(h, 11).to(torch.float64) * (1.0 / (1 << 53))
+    """(B, length) float32 uniforms in [0, 1), multiples of 2^-24."""
+    return (counters(seeds, canvas, step, length, stream) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def randint(seeds: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, length: int, stream: int,
             high: int) -> torch.Tensor:
-    """(B, length) int64 uniform in [0, high); modulo bias below high / 2^53."""
-    return _shr(counters(seeds, canvas, step, length, stream), 11) % high
+    """(B, length) int64 uniform in [0, high) from 48 hashed bits."""
+    h = counters(seeds, canvas, step, length, stream)
+    return (((h >> 16) << 32) | hash32(h ^ 0x5BD1E995)) % high

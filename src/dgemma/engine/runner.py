@@ -17,30 +17,159 @@ import torch.nn.functional as F
 
 from dgemma.config import SLIDING
 from dgemma.engine.kv_cache import StaticKVCache
-from dgemma.model.modeling import Attention, DiffusionGemma, apply_rope
+from dgemma.model.modeling import Attention, DiffusionGemma
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm in one fused kernel (fp32 compute, as the reference `RMSNorm`)."""
+    """RMSNorm in one call (fp32 compute, as the reference `RMSNorm`)."""
     w = None if norm.weight is None else norm.weight.float()
     return F.rms_norm(x.float(), (x.shape[-1],), w, norm.eps).to(x.dtype)
 
 
-def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Routed experts. Few experts (CPU-sized models): every expert on every token in one batched matmul,
-    then the top-k weights select (fewer, larger kernels beat a Python loop of tiny ones). Many experts:
-    tokens sorted by expert and two grouped GEMMs (no Python loop, no host sync); the reference loop only
-    where grouped GEMMs are unavailable."""
+class _LayerWeights:
+    """One layer's weights laid out for few, large kernels: q/k/v in one matrix, gate/up in one, the
+    experts' down projections side by side. On CPU every matrix is stored input-major (x @ W with W
+    (in, out) contiguous), which this CPU's GEMMs run 25-35% faster than the checkpoint's (out, in).
+
+    The module parameters are re-pointed at views of the packed tensors, so the model keeps one copy of
+    every weight, and the reference path and a saved checkpoint see exactly the same values."""
+
+    def __init__(self, layer, transposed: bool) -> None:
+        attn = layer.self_attn
+        linears = [attn.q_proj, attn.k_proj] + ([attn.v_proj] if attn.v_proj is not None else [])
+        self.qkv = _pack(linears, transposed)  # (heads x D + kv x D [+ kv x D], H)
+        self.n_q, self.n_k = attn.num_heads, attn.num_kv_heads
+        self.head_dim = attn.head_dim
+        # per-head QK-norm weights for the q and k heads, fp32: (heads + kv, D)
+        self.qk_norm = torch.cat([attn.q_norm.weight.detach().float().expand(self.n_q, -1),
+                                  attn.k_norm.weight.detach().float().expand(self.n_k, -1)])
+        self.eps = attn.q_norm.eps
+        self.gate_up = _pack([layer.mlp.gate_proj, layer.mlp.up_proj], transposed)  # (2I, H)
+        self.intermediate = layer.mlp.gate_proj.weight.shape[0]
+        for single in (attn.o_proj, layer.mlp.down_proj, layer.router.proj):
+            _pack([single], transposed)
+        experts = layer.experts
+        self.expert_gate_up = self.expert_down = None
+        if experts.num_experts <= DENSE_EXPERTS:
+            self.expert_gate_up, self.expert_down = _pack_experts(experts, transposed)
+        self.anchors = self._anchors(layer)
+
+    @staticmethod
+    def _anchors(layer) -> tuple[int, ...]:
+        attn = layer.self_attn
+        return (attn.q_proj.weight.data_ptr(), attn.o_proj.weight.data_ptr(), layer.mlp.gate_proj.weight.data_ptr(),
+                layer.mlp.down_proj.weight.data_ptr(), layer.router.proj.weight.data_ptr(),
+                layer.experts.gate_up_proj.data_ptr(), layer.experts.down_proj.data_ptr(),
+                attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr(), attn.q_norm.weight._version,
+                attn.k_norm.weight._version)
+
+    def valid(self, layer) -> bool:
+        return self._anchors(layer) == self.anchors
+
+
+DENSE_EXPERTS = 16  # up to this many experts: every expert on every token in two GEMMs (CPU-sized models)
+
+
+def _param(value: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(value, requires_grad=like.requires_grad)
+
+
+def _pack(linears, transposed: bool) -> torch.Tensor:
+    """Concatenate the weights of `linears` (out features stacked) and re-point each module's weight at
+    its rows; returns the packed (sum of out, in) matrix for `F.linear`. `transposed`: the storage is
+    (in, sum of out) contiguous and the returned matrix is its transpose view."""
+    weights = [m.weight for m in linears]
+    if transposed:
+        packed = torch.cat([w.detach().T for w in weights], dim=1).contiguous().T
+    else:
+        packed = torch.cat([w.detach() for w in weights])
+    start = 0
+    for m, w in zip(linears, weights, strict=True):
+        m.weight = _param(packed[start:start + w.shape[0]], w)
+        start += w.shape[0]
+    return packed
+
+
+def _pack_experts(experts, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert as one wide GEMM: gate/up (E x 2I, H) and down (H, E x I), so that the routing-weighted
+    sum over experts is part of the second GEMM; `gate_up_proj` and `down_proj` become views of them."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    e, two_i, h = gate_up.shape
+    i = down.shape[2]
+    if transposed:
+        gu = gate_up.detach().reshape(e * two_i, h).T.contiguous().T
+        d = down.detach().permute(0, 2, 1).reshape(e * i, h).contiguous()  # (E x I, H)
+        experts.down_proj = _param(d.view(e, i, h).permute(0, 2, 1), down)
+        d = d.T
+    else:
+        gu = gate_up.detach().reshape(e * two_i, h).contiguous()
+        d = down.detach().permute(1, 0, 2).reshape(h, e * i).contiguous()  # (H, E x I)
+        experts.down_proj = _param(d.view(h, e, i).permute(1, 0, 2), down)
+    experts.gate_up_proj = _param(gu.view(e, two_i, h), gate_up)
+    return gu, d
+
+
+class FastWeights:
+    """Packed weights of a whole model, built once and cached on it (`fast_weights(model)`). On CPU also
+    an input-major copy of the tied embedding for the head GEMM (the embedding itself stays row-major
+    for lookups and the self-conditioning product)."""
+
+    def __init__(self, model: DiffusionGemma) -> None:
+        stack = model.stack
+        transposed = model.device.type == "cpu"
+        self.layers = [_LayerWeights(layer, transposed) for layer in stack.layers]
+        sc = stack.self_conditioning
+        self.sc_gate_up = _pack([sc.gate_proj, sc.up_proj], transposed)
+        _pack([sc.down_proj], transposed)
+        embed = stack.embed_tokens.weight
+        self.head = embed.detach().T.contiguous().T if transposed else embed.detach()
+        self.anchors = self._anchors(model)
+
+    @staticmethod
+    def _anchors(model: DiffusionGemma) -> tuple[int, ...]:
+        sc, embed = model.stack.self_conditioning, model.stack.embed_tokens.weight
+        return (len(model.stack.layers), sc.gate_proj.weight.data_ptr(), sc.down_proj.weight.data_ptr(),
+                embed.data_ptr(), embed._version)
+
+    def valid(self, model: DiffusionGemma) -> bool:
+        return (self._anchors(model) == self.anchors
+                and all(w.valid(layer) for w, layer in zip(self.layers, model.stack.layers, strict=True)))
+
+
+@torch.no_grad()
+def fast_weights(model: DiffusionGemma) -> FastWeights:
+    """The model's packed weights, (re)built when its parameters were replaced (e.g. `model.to(...)`)."""
+    fw = model.__dict__.get("_dgemma_fast_weights")
+    if fw is None or not fw.valid(model):
+        fw = FastWeights(model)
+        model.__dict__["_dgemma_fast_weights"] = fw
+    return fw
+
+
+def _gated(x: torch.Tensor, gate_up: torch.Tensor, down: torch.nn.Linear, inter: int) -> torch.Tensor:
+    """down(gelu_tanh(gate(x)) * up(x)) with gate and up in one GEMM."""
+    gu = F.linear(x, gate_up)
+    return down(F.gelu(gu[..., :inter], approximate="tanh") * gu[..., inter:])
+
+
+def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+             packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Routed experts. Few experts (CPU-sized models, `packed` by `_pack_experts`): every expert on every
+    token in one GEMM, the routing weights (zero for experts not chosen) applied to the activations, and
+    the weighted sum over experts done by the second GEMM. Many experts: tokens sorted by expert and
+    two grouped GEMMs (no Python loop, no host sync); the reference loop where those are unavailable."""
     e = experts.num_experts
-    if e > 16:
+    if packed is None:
         if _grouped_ok(experts, x):
             return _experts_grouped(experts, x, ids, weights)
         return experts(x, ids, weights)
-    gate_up = torch.matmul(x[None], experts.gate_up_proj.transpose(1, 2))  # (E, T, 2I)
-    gate, up = gate_up.chunk(2, dim=-1)
-    y = torch.matmul(F.gelu(gate, approximate="tanh") * up, experts.down_proj.transpose(1, 2))  # (E, T, H)
-    dense_w = torch.zeros(x.shape[0], e, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
-    return torch.einsum("eth,te->th", y.float(), dense_w).to(x.dtype)
+    t = x.shape[0]
+    gate_up, down = packed
+    gu = F.linear(x, gate_up).view(t, e, 2, -1)
+    act = F.gelu(gu[:, :, 0], approximate="tanh") * gu[:, :, 1]  # (T, E, I)
+    dense_w = torch.zeros(t, e, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
+    act = (act * dense_w[:, :, None]).to(x.dtype)  # fp32 weighting, as the reference
+    return F.linear(act.view(t, -1), down)
 
 
 def _grouped_ok(experts, x: torch.Tensor) -> bool:
@@ -67,29 +196,52 @@ def _experts_grouped(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch
     out[order] = weighted
     return out.view(t, k, -1).sum(dim=1).to(x.dtype)
 
+def _route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Router.forward` with the fused norm: x (T, H) -> weights (T, K) fp32, expert ids (T, K)."""
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, router.eps).to(x.dtype)
+    probs = F.softmax(F.linear(y * router.scale * router.root_size, router.proj.weight), dim=-1,
+                      dtype=torch.float32)
+    weights, ids = torch.topk(probs, k=router.top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True) * router.per_expert_scale[ids], ids
 
-def _feed_forward(layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """`DecoderLayer.finish` with the fused norm and the batched experts."""
+
+def _feed_forward(layer, lw: _LayerWeights, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """`DecoderLayer.finish` with fused norms, packed gate/up and the batched experts."""
     r = x + _norm(layer.post_attention_layernorm, attn_out)
     mlp = layer.mlp
-    h = _norm(layer.pre_feedforward_layernorm, r)
     dense = _norm(layer.post_feedforward_layernorm_1,
-                  mlp.down_proj(F.gelu(mlp.gate_proj(h), approximate="tanh") * mlp.up_proj(h)))
+                  _gated(_norm(layer.pre_feedforward_layernorm, r), lw.gate_up, mlp.down_proj, lw.intermediate))
     flat = r.reshape(-1, r.shape[-1])
-    weights, ids = layer.router(flat)
-    routed = _experts(layer.experts, _norm(layer.pre_feedforward_layernorm_2, flat), ids, weights)
+    weights, ids = _route(layer.router, flat)
+    packed = (lw.expert_gate_up, lw.expert_down) if lw.expert_down is not None else None
+    routed = _experts(layer.experts, _norm(layer.pre_feedforward_layernorm_2, flat), ids, weights, packed)
     routed = _norm(layer.post_feedforward_layernorm_2, routed.reshape(r.shape))
     return (r + _norm(layer.post_feedforward_layernorm, dense + routed)) * layer.layer_scalar
 
 
-def _qkv(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _qkv(lw: _LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
+    """One GEMM for q, k (and v), one RMSNorm over every head, the QK-norm weights in one multiply and
+    RoPE on q and k together. q (B, heads, S, D); k, v (B, kv_heads, S, D). On full layers V is the
+    scale-free norm of the raw key projection (K = V)."""
     b, s, _ = x.shape
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim)
-    k_raw = attn.k_proj(x).view(b, s, -1, attn.head_dim)
-    v = attn.v_proj(x).view(b, s, -1, attn.head_dim) if attn.v_proj is not None else k_raw
-    q = apply_rope(_norm(attn.q_norm, q), cos, sin).transpose(1, 2)
-    k = apply_rope(_norm(attn.k_norm, k_raw), cos, sin).transpose(1, 2)
-    return q, k, _norm(attn.v_norm, v).transpose(1, 2)
+    nq, nk, d = lw.n_q, lw.n_k, lw.head_dim
+    heads = F.linear(x, lw.qkv).view(b, s, -1, d)
+    normed = F.rms_norm(heads.float(), (d,), None, lw.eps)
+    qk = normed[:, :, :nq + nk] * lw.qk_norm
+    v = normed[:, :, nq + nk:] if normed.shape[2] > nq + nk else normed[:, :, nq:]
+    qk, v = qk.to(x.dtype), v.to(x.dtype)
+    # rotate_half(x) * sin == roll(x, D/2) * [-sin_first_half, sin_second_half]
+    qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * sin_signed
+    return qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), v.transpose(1, 2)
+
+
+def _rope(stack, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """cos and the sign-folded sin, (B, S, 1, D), per layer type."""
+    out = {}
+    for kind, (cos, sin) in stack.rope(positions, dtype).items():
+        half = sin.shape[-1] // 2
+        out[kind] = cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, :, None]
+    return out
 
 
 def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -102,7 +254,7 @@ def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 @torch.no_grad()
 def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch.Tensor) -> None:
     """Causal pass over `ids` (1, S) appended to row `row`'s context; writes K/V, returns nothing."""
-    stack = model.stack
+    stack, fw = model.stack, fast_weights(model)
     n, s = cache.lengths[row], ids.shape[1]
     if n + s > cache.max_context:
         raise ValueError(f"context of {n + s} tokens exceeds the engine's max_context {cache.max_context}")
@@ -110,7 +262,7 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
     device = ids.device
     new_pos = torch.arange(n, n + s, device=device)
     x = stack.embed(ids)
-    rope = model.stack.rope(new_pos[None], x.dtype)
+    rope = _rope(stack, new_pos[None], x.dtype)
     ring_pos = cache.ring_pos[row]
     ring_slots = c + new_pos[-ring:] % ring if ring > 0 else None
     last = len(stack.layers) - 1
@@ -118,7 +270,7 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
         attn = layer.self_attn
         sliding = attn.is_sliding
         cos, sin = rope[SLIDING if sliding else "full_attention"]
-        q, k, v = _qkv(attn, _norm(layer.input_layernorm, x), cos, sin)
+        q, k, v = _qkv(fw.layers[i], _norm(layer.input_layernorm, x), cos, sin)
         kc, vc = cache.keys[i][row:row + 1], cache.values[i][row:row + 1]
         if sliding:
             ctx_k, ctx_v, ctx_pos = kc[:, :, c:], vc[:, :, c:], ring_pos
@@ -140,7 +292,7 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
             kc[:, :, c + n:c + n + s] = k
             vc[:, :, c + n:c + n + s] = v
         if i < last:  # the last layer's attention output and FFN feed nothing the cache needs
-            x = _feed_forward(layer, x, out)
+            x = _feed_forward(layer, fw.layers[i], x, out)
     if ring > 0:
         ring_pos[ring_slots - c] = new_pos[-ring:]
     cache.lengths[row] = n + s
@@ -152,18 +304,35 @@ def denoise_rows(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tens
     """One bidirectional pass for rows 0..B-1: canvas (B, C), soft embeddings of the previous step's
     distribution (B, C, H) (zeros on a canvas's first step). Returns final-normed hidden states (B, C, H).
     Attends to exactly the stored context (shapes follow the host-side lengths)."""
+    lengths = cache.lengths[:canvas.shape[0]]
+    return denoise_with(model, cache, canvas, soft_embeds, torch.tensor(lengths, device=canvas.device),
+                        max(lengths), min(lengths) != max(lengths), min(lengths) < cache.ring)
+
+
+def denoise_with(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor, soft_embeds: torch.Tensor,
+                 lengths: torch.Tensor, context: int, mask_context: bool, mask_ring: bool) -> torch.Tensor:
+    """`denoise_rows` given the rows' context lengths (B,) on the device, the longest `context`, and
+    whether some rows are shorter (`mask_context`) or have unfilled sliding-window slots (`mask_ring`)."""
     b, c = canvas.shape
-    lengths = cache.lengths[:b]
-    device = canvas.device
-    ctx = max(lengths)
-    lengths_t = torch.tensor(lengths, device=device)
     full_mask = ring_mask = None
-    if min(lengths) != ctx:  # rows with different contexts: mask the unused context slots
-        slot = torch.arange(c + ctx, device=device)
-        full_mask = (slot[None] < c + lengths_t[:, None])[:, None, None]
-    if min(lengths) < cache.ring:
+    if mask_context:  # rows with different contexts: mask the unused context slots
+        slot = torch.arange(c + context, device=canvas.device)
+        full_mask = (slot[None] < c + lengths[:, None])[:, None, None]
+    if mask_ring:
         ring_mask = _ring_mask(cache, b, c)
-    return _denoise(model, cache, canvas, soft_embeds, lengths_t, c + ctx, full_mask, ring_mask)
+    return _denoise(model, fast_weights(model), cache, canvas, soft_embeds, lengths, c + context, full_mask,
+                    ring_mask)
+
+
+def denoise_masked(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canvas: torch.Tensor,
+                   soft_embeds: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`denoise_with` for `torch.compile`: `slots` = arange(C + longest context) carries the context length
+    as a tensor size (which can be marked dynamic), both masks are always built, and `fw` (the model's
+    `fast_weights`) comes from outside the compiled region. Same result as `denoise_rows`."""
+    b, c = canvas.shape
+    full_mask = (slots[None] < c + lengths[:, None])[:, None, None]
+    return _denoise(model, fw, cache, canvas, soft_embeds, lengths, slots.shape[0], full_mask,
+                    _ring_mask(cache, b, c))
 
 
 @torch.no_grad()
@@ -175,8 +344,8 @@ def denoise_rows_static(model: DiffusionGemma, cache: StaticKVCache, canvas: tor
     b, c = canvas.shape
     slot = torch.arange(c + cache.max_context, device=canvas.device)
     full_mask = (slot[None] < c + lengths[:, None])[:, None, None]
-    return _denoise(model, cache, canvas, soft_embeds, lengths, c + cache.max_context, full_mask,
-                    _ring_mask(cache, b, c))
+    return _denoise(model, fast_weights(model), cache, canvas, soft_embeds, lengths, c + cache.max_context,
+                    full_mask, _ring_mask(cache, b, c))
 
 
 def _ring_mask(cache: StaticKVCache, b: int, c: int) -> torch.Tensor:
@@ -184,22 +353,21 @@ def _ring_mask(cache: StaticKVCache, b: int, c: int) -> torch.Tensor:
     return valid[:, None, None]
 
 
-def _denoise(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor, soft_embeds: torch.Tensor,
-             lengths: torch.Tensor, full_len: int, full_mask: torch.Tensor | None,
+def _denoise(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canvas: torch.Tensor,
+             soft_embeds: torch.Tensor, lengths: torch.Tensor, full_len: int, full_mask: torch.Tensor | None,
              ring_mask: torch.Tensor | None) -> torch.Tensor:
     stack = model.stack
     b, c = canvas.shape
     positions = lengths[:, None] + torch.arange(c, device=canvas.device)[None]
     sc = stack.self_conditioning
-    n = _norm(sc.pre_norm, soft_embeds)
-    signal = sc.down_proj(F.gelu(sc.gate_proj(n), approximate="tanh") * sc.up_proj(n))
+    signal = _gated(_norm(sc.pre_norm, soft_embeds), fw.sc_gate_up, sc.down_proj, sc.gate_proj.weight.shape[0])
     x = _norm(sc.post_norm, stack.embed(canvas) + signal)
-    rope = model.stack.rope(positions, x.dtype)
+    rope = _rope(stack, positions, x.dtype)
     for i, layer in enumerate(stack.layers):
         attn = layer.self_attn
         sliding = attn.is_sliding
         cos, sin = rope[SLIDING if sliding else "full_attention"]
-        q, k, v = _qkv(attn, _norm(layer.input_layernorm, x), cos, sin)
+        q, k, v = _qkv(fw.layers[i], _norm(layer.input_layernorm, x), cos, sin)
         kc, vc = cache.keys[i], cache.values[i]
         kc[:b, :, :c] = k
         vc[:b, :, :c] = v
@@ -207,7 +375,7 @@ def _denoise(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor, 
             out = _attend(attn, q, kc[:b], vc[:b], ring_mask)
         else:
             out = _attend(attn, q, kc[:b, :, :full_len], vc[:b, :, :full_len], full_mask)
-        x = _feed_forward(layer, x, out)
+        x = _feed_forward(layer, fw.layers[i], x, out)
     return _norm(stack.norm, x)
 
 

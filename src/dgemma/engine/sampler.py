@@ -28,38 +28,51 @@ class StepOutput:
 
 @torch.no_grad()
 def fused_sample(hidden: torch.Tensor, weight: torch.Tensor, embed_scale: float, softcap: float | None,
-                 temperature: torch.Tensor, uniforms: torch.Tensor, chunk: int = 1024) -> StepOutput:
-    """hidden (B, C, H) final-normed; weight (V, H) the tied embedding; temperature (B,) fp32;
-    uniforms (B, C) in [0, 1)."""
+                 temperature: torch.Tensor, uniforms: torch.Tensor, chunk: int = 1024,
+                 head: torch.Tensor | None = None) -> StepOutput:
+    """hidden (B, C, H) final-normed; weight (V, H) the tied embedding; `embed_scale` as a number of the
+    weight dtype (`embed_scale_in`); temperature (B,) fp32; uniforms (B, C) in [0, 1); `head`: the same
+    matrix in another memory layout for the logits GEMM (`FastWeights.head`), default `weight`."""
     b, c, h = hidden.shape
-    flat = hidden.reshape(b * c, h)
-    temps = temperature.to(torch.float32).repeat_interleave(c)
-    u = uniforms.reshape(-1)
     n = b * c
-    sampled = torch.empty(n, dtype=torch.long, device=hidden.device)
-    argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
-    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    soft = torch.empty(n, h, dtype=weight.dtype, device=hidden.device)
-    scale = torch.tensor(embed_scale, dtype=torch.float32).to(weight.dtype).item()
-    inv_cap = 1.0 / softcap if softcap else None
-    row_scale = (softcap / temps) if softcap else (1.0 / temps)  # cap * tanh(l / cap) / T in one multiply
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        x = (flat[start:end] @ weight.T).float()
-        if softcap:
-            torch.tanh_(x.mul_(inv_cap))
-        x.mul_(row_scale[start:end, None])
-        m, am = _max_argmax(x)
-        y = x.sub_(m[:, None])  # processed logits - max (<= 0)
-        e = torch.exp(y)
-        s = e.sum(dim=-1)
-        # H = -sum p log p = log s - sum(e * y) / s, with p = e / s and log p = y - log s
-        entropy[start:end] = torch.log(s) - (e * y).sum(dim=-1) / s
-        argmax[start:end] = am
-        sampled[start:end] = _inverse_cdf(e, u[start:end].to(torch.float32) * s)
-        # self-conditioning input: softmax @ E, normalised after the (much smaller) matmul
-        soft[start:end] = ((e.to(weight.dtype) @ weight).float() * (scale / s)[:, None]).to(weight.dtype)
-    return StepOutput(sampled.view(b, c), argmax.view(b, c), entropy.view(b, c), soft.view(b, c, h))
+    flat = hidden.reshape(n, h)
+    temps = temperature.to(torch.float32).repeat_interleave(c)
+    u = uniforms.reshape(-1).to(torch.float32)
+    head = weight if head is None else head
+    if n <= chunk:  # one pass, no slicing (and no Python loop for torch.compile to unroll)
+        parts = _sample_chunk(flat, head, weight, embed_scale, softcap, temps, u)
+        return StepOutput(*(p.view(b, c, *p.shape[1:]) for p in parts))
+    pieces = [_sample_chunk(flat[i:i + chunk], head, weight, embed_scale, softcap, temps[i:i + chunk], u[i:i + chunk])
+              for i in range(0, n, chunk)]
+    return StepOutput(*(torch.cat(p).view(b, c, *p[0].shape[1:]) for p in zip(*pieces, strict=True)))
+
+
+def _sample_chunk(hidden: torch.Tensor, head: torch.Tensor, weight: torch.Tensor, scale: float,
+                  softcap: float | None, temps: torch.Tensor, u: torch.Tensor):
+    """hidden (n, H) -> sampled, argmax, entropy (n,) and soft embeddings (n, H)."""
+    if softcap:  # cap * tanh((h @ E^T) / cap) / T; in fp32 the 1 / cap is folded into the (n x H) input
+        if hidden.dtype == torch.float32:
+            x = torch.tanh_(torch.nn.functional.linear(hidden * (1.0 / softcap), head))
+        else:
+            x = torch.tanh_(torch.nn.functional.linear(hidden, head).float().mul_(1.0 / softcap))
+        x.mul_((softcap / temps)[:, None])
+    else:
+        x = torch.nn.functional.linear(hidden, head).float().mul_((1.0 / temps)[:, None])
+    m, am = _max_argmax(x)
+    y = x.sub_(m[:, None])  # processed logits - max (<= 0)
+    e = torch.exp(y)
+    s = e.sum(dim=-1)
+    # H = -sum p log p = log s - sum(e * y) / s, with p = e / s and log p = y - log s
+    entropy = torch.log(s) - (e * y).sum(dim=-1) / s
+    sampled = _inverse_cdf(e, u * s)
+    # self-conditioning input: softmax @ E, normalised after the (much smaller) matmul
+    soft = ((e.to(weight.dtype) @ weight).float() * (scale / s)[:, None]).to(weight.dtype)
+    return sampled, am, entropy, soft
+
+
+def embed_scale_in(value: float, dtype: torch.dtype) -> float:
+    """The embedding scale rounded to the weight dtype, as `TextStack.embed` applies it."""
+    return torch.tensor(value, dtype=torch.float32).to(dtype).item()
 
 
 def _inverse_cdf(weights: torch.Tensor, targets: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -90,3 +103,4 @@ def _max_argmax(x: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.
     m, blk = block_max.max(dim=-1)
     inner = blocks.gather(1, blk[:, None, None].expand(n, 1, block)).squeeze(1)
     return m, blk * block + inner.argmax(dim=-1)
+
