@@ -297,3 +297,20 @@ def test_rng_hash_matches_plain_integer_arithmetic():
     assert rng.hash32(xs).tolist() == [mix(x) for x in xs.tolist()]
     u = rng.uniform(torch.tensor([-5, 2**40]), torch.tensor([3, 0]), torch.tensor([7, 1]), 64, 1)
     assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
+
+
+def test_runner_bf16_stays_within_bf16_tolerance_of_reference():
+    """bf16 weights: the fast forward (packed GEMMs, dense experts) against the reference loop."""
+    cfg = preset_config("tiny", canvas_length=16)
+    model = random_model(cfg, seed=1, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    cache, ref_cache = StaticKVCache(cfg, 1, 256, "cpu", torch.bfloat16), model.new_cache()
+    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=g)
+    model.encode(prompt, ref_cache)
+    encode_row(model, cache, 0, prompt)
+    canvas = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
+    sc = torch.randn(1, 16, cfg.vocab_size, generator=g).bfloat16()
+    ref = model.denoise(canvas, ref_cache, sc)
+    out = model.logits(denoise_rows(model, cache, canvas, model.soft_embed(sc)))
+    assert (out - ref).abs().max() < 0.1  # logits span about +-3; one bf16 rounding of 2 is 0.008
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

@@ -156,7 +156,7 @@ def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
              packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Routed experts. Few experts (CPU-sized models, `packed` by `_pack_experts`): every expert on every
     token in one GEMM, the routing weights (zero for experts not chosen) applied to the activations, and
-    the weighted sum over experts done by the second GEMM. Many experts: tokens sorted by expert and
+    (fp32) the weighted sum over experts done by the second GEMM. Many experts: tokens sorted by expert and
     two grouped GEMMs (no Python loop, no host sync); the reference loop where those are unavailable."""
     e = experts.num_experts
     if packed is None:
@@ -168,8 +168,11 @@ def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     gu = F.linear(x, gate_up).view(t, e, 2, -1)
     act = F.gelu(gu[:, :, 0], approximate="tanh") * gu[:, :, 1]  # (T, E, I)
     dense_w = torch.zeros(t, e, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
-    act = (act * dense_w[:, :, None]).to(x.dtype)  # fp32 weighting, as the reference
-    return F.linear(act.view(t, -1), down)
+    if x.dtype == torch.float32:
+        return F.linear((act * dense_w[:, :, None]).view(t, -1), down)
+    # lower precision: round each expert's output, then weight and sum in fp32, as the reference does
+    y = torch.matmul(act.transpose(0, 1), experts.down_proj.transpose(1, 2))  # (E, T, H)
+    return torch.einsum("eth,te->th", y.float(), dense_w).to(x.dtype)
 
 
 def _grouped_ok(experts, x: torch.Tensor) -> bool:
