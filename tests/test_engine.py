@@ -286,10 +286,10 @@ def test_rng_hash_matches_plain_integer_arithmetic():
     code would be free to miscompute an overflow)."""
     def mix(x):
         x ^= x >> 16
-        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
         x ^= x >> 15
-        x = (x * 0x846CA68B) & 0xFFFFFFFF
-        return x ^ (x >> 16)
+        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        return x ^ (x >> 15)
 
     g = torch.Generator().manual_seed(0)
     xs = torch.cat([torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64),
@@ -297,6 +297,9 @@ def test_rng_hash_matches_plain_integer_arithmetic():
     assert rng.hash32(xs).tolist() == [mix(x) for x in xs.tolist()]
     u = rng.uniform(torch.tensor([-5, 2**40]), torch.tensor([3, 0]), torch.tensor([7, 1]), 64, 1)
     assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
+    args = (torch.tensor([3, 9]), torch.tensor([1, 4]), torch.tensor([2, 2]), 32)
+    both = rng.uniform_and_randint(*args, 1, 2, 1000)
+    assert torch.equal(both[0], rng.uniform(*args, 1)) and torch.equal(both[1], rng.randint(*args, 2, 1000))
 
 
 def test_runner_bf16_stays_within_bf16_tolerance_of_reference():

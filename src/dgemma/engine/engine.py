@@ -300,12 +300,12 @@ def advance(model: DiffusionGemma, head: torch.Tensor, hidden: torch.Tensor, st:
     steps_left = st["steps_left"]
     # the reference's fp32 schedule: t_min + (t_max - t_min) * (step / N)
     temperature = st["t_min"] + (st["t_max"] - st["t_min"]) * (steps_left.to(torch.int32) / st["n_steps"])
-    u = rng.uniform(st["seed"], st["canvas_index"], steps_left, c, STREAM_SAMPLE)
+    u, noise = rng.uniform_and_randint(st["seed"], st["canvas_index"], steps_left, c, STREAM_SAMPLE, STREAM_NOISE,
+                                       model.config.vocab_size)
     cfg = model.config
     out = fused_sample(hidden, model.stack.embed_tokens.weight, embed_scale, cfg.final_logit_softcapping,
                        temperature, u, chunk, head)
     accepted = accept_mask(out.entropy, st["entropy_bound"][:, None])
-    noise = rng.randint(st["seed"], st["canvas_index"], steps_left, c, STREAM_NOISE, cfg.vocab_size)
     canvas = torch.where(accepted, out.sampled, noise)
     # each row compares its argmax with its last k argmax canvases (k = its stability_threshold)
     history = st["history"]
