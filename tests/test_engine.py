@@ -317,3 +317,30 @@ def test_runner_bf16_stays_within_bf16_tolerance_of_reference():
     out = model.logits(denoise_rows(model, cache, canvas, model.soft_embed(sc)))
     assert (out - ref).abs().max() < 0.1  # logits span about +-3; one bf16 rounding of 2 is 0.008
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_masked_forward_and_advance_match_the_eager_step():
+    """The body that --compile captures (always-masked forward + advance) equals the eager step's pieces,
+    for rows with different contexts and unfilled sliding windows."""
+    from dgemma.engine.engine import _denoise_and_advance, advance
+    from dgemma.engine.runner import fast_weights
+
+    model = _model(seed=12, sliding_window=12, canvas_length=8)
+    gen = GenerationConfig(max_new_tokens=16, max_denoising_steps=4, eos_token_ids=())
+    engine = Engine(model, EngineConfig(max_batch=3, max_context=128))
+    for i, n in enumerate([3, 20, 9]):
+        engine.submit(Request(prompt=list(range(2, 2 + n)), gen=gen, seed=i))
+    engine.step()  # admit, prefill, one step: a non-zero soft embedding and history
+    b = len(engine.rows)
+    st = {k: v[:b] for k, v in engine.state.items()}
+    fw = fast_weights(model)
+    lengths = engine.cache.lengths[:b]
+    eager = advance(model, fw.head, denoise_rows(model, engine.cache, st["canvas"], st["soft"]), st,
+                    engine.embed_scale, 1024)
+    body = _denoise_and_advance(model, fw, engine.cache, st, torch.tensor(lengths),
+                                torch.arange(8 + max(lengths)), engine.embed_scale, 1024)
+    for key in eager:
+        if key == "soft":
+            torch.testing.assert_close(body[key], eager[key], atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(body[key], eager[key]), key

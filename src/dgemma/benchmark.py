@@ -32,7 +32,7 @@ class BenchConfig:
     warmup: int = 1
     seed: int = 0
     baseline: str | None = None  # None | "transformers" | "ar"
-    compile: bool = False  # torch.compile the engine's denoising forward
+    compile: bool = False  # torch.compile the engine's whole denoising step
     cuda_graphs: bool = False  # replay the denoising forward as CUDA graphs
 
 
@@ -121,8 +121,14 @@ def _time_step(model: DiffusionGemma, engine: Engine, prompts: list[list[int]], 
 
 def run_transformers(model_dir: Path, model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -> dict:
     from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging as hf_logging
 
-    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=model.dtype).to(model.device).eval()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the vision tower our text checkpoints leave out
+    try:
+        hf = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=model.dtype).to(model.device).eval()
+    finally:
+        hf_logging.set_verbosity(level)
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(3, model.config.vocab_size, (cfg.batch, cfg.prompt_tokens), generator=g).to(model.device)
     kwargs = dict(max_new_tokens=gen.max_new_tokens, max_denoising_steps=gen.max_denoising_steps, t_min=gen.t_min,

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-context", type=int, default=4096, help="context slots per request")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    sv.add_argument("--compile", action="store_true", help="torch.compile the denoising forward (slow start)")
+    sv.add_argument("--compile", action="store_true",
+                    help="torch.compile the whole denoising step (about a minute to start)")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", default=None)
     sv.set_defaults(func=cmd_serve)

@@ -43,7 +43,9 @@ class EngineConfig:
     max_batch: int = 8
     max_context: int = 4096
     sampler_chunk: int = 1024  # positions per fused-sampler chunk (memory: chunk x V fp32)
-    compile: bool = False  # torch.compile the denoising forward (slow first call; pays off for long runs)
+    # torch.compile the whole step (forward, sampler, state update): about a minute of compiling on the
+    # first step (less with a warm inductor cache), then one graph for every context length
+    compile: bool = False
     cuda_graphs: bool = False  # replay the denoising forward as a CUDA graph per batch bucket (CUDA only)
     # host syncs: rows that stop are frozen on the device and committed at the next sync, every
     # `sync_every` steps (and at a canvas's last step); 0 = auto: 1 on CPU (a sync is free), 4 on GPUs
