@@ -279,6 +279,10 @@ def test_packed_weights_keep_the_model_and_its_checkpoint(tmp_path):
     assert fast_weights(model) is fw  # cached
     model.double()
     assert fast_weights(model) is not fw and fast_weights(model).layers[0].qkv.dtype == torch.float64
+    model.float()
+    with torch.inference_mode():  # (re)packed inside an engine step: still ordinary, trainable parameters
+        fast_weights(model)
+    assert not model.stack.layers[0].self_attn.q_proj.weight.is_inference()
 
 
 def test_rng_hash_matches_plain_integer_arithmetic():

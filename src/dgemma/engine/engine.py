@@ -144,7 +144,7 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.rows or self.waiting)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> None:
         self._drop_cancelled()
         self._admit()

@@ -141,7 +141,8 @@ def fast_weights(model: DiffusionGemma) -> FastWeights:
     """The model's packed weights, (re)built when its parameters were replaced (e.g. `model.to(...)`)."""
     fw = model.__dict__.get("_dgemma_fast_weights")
     if fw is None or not fw.valid(model):
-        fw = FastWeights(model)
+        with torch.inference_mode(False):  # normal tensors: the parameters become views of them
+            fw = FastWeights(model)
         model.__dict__["_dgemma_fast_weights"] = fw
     return fw
 
