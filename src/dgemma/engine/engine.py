@@ -44,7 +44,8 @@ class EngineConfig:
     max_context: int = 4096
     sampler_chunk: int = 1024  # positions per fused-sampler chunk (memory: chunk x V fp32)
     # torch.compile the whole step (forward, sampler, state update): about a minute of compiling on the
-    # first step (less with a warm inductor cache), then one graph for every context length
+    # first step (less with a warm inductor cache); one graph for batch 1 and one for larger batches,
+    # each serving every context length
     compile: bool = False
     cuda_graphs: bool = False  # replay the denoising forward as a CUDA graph per batch bucket (CUDA only)
     # host syncs: rows that stop are frozen on the device and committed at the next sync, every
@@ -158,9 +159,13 @@ class Engine:
             lengths = self.cache.lengths[:b]
             # the context length reaches the graph as the (dynamic) size of `slots`: one graph for all lengths
             slots = torch.arange(self.canvas_length + max(lengths), device=self.model.device)
+            lengths_t = torch.tensor(lengths, device=self.model.device)
             torch._dynamo.maybe_mark_dynamic(slots, 0)
-            new = self._compiled(self.model, fw, self.cache, st, torch.tensor(lengths, device=self.model.device),
-                                 slots, self.embed_scale, self.config.sampler_chunk)
+            if b > 1:  # one graph for every batch of 2 or more rows (batch 1 keeps its own, specialised one)
+                for t in (*st.values(), lengths_t):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            new = self._compiled(self.model, fw, self.cache, st, lengths_t, slots, self.embed_scale,
+                                 self.config.sampler_chunk)
         else:
             if self._graphs is not None:
                 lengths = torch.tensor(self.cache.lengths[:b], device=self.model.device)
