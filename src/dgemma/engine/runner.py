@@ -138,7 +138,9 @@ class FastWeights:
 
 @torch.no_grad()
 def fast_weights(model: DiffusionGemma) -> FastWeights:
-    """The model's packed weights, (re)built when its parameters were replaced (e.g. `model.to(...)`)."""
+    """The model's packed weights, (re)built when its parameters were replaced (e.g. `model.to(...)`).
+    Packing replaces the parameter objects (same values): build an optimizer after creating an Engine, or
+    train a model no Engine has touched."""
     fw = model.__dict__.get("_dgemma_fast_weights")
     if fw is None or not fw.valid(model):
         with torch.inference_mode(False):  # normal tensors: the parameters become views of them
