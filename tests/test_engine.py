@@ -348,3 +348,15 @@ def test_masked_forward_and_advance_match_the_eager_step():
             torch.testing.assert_close(body[key], eager[key], atol=1e-5, rtol=1e-5)
         else:
             assert torch.equal(body[key], eager[key]), key
+
+
+def test_warm_up_leaves_an_idle_engine_that_generates_as_a_fresh_one():
+    model = _model(seed=13)
+    gen = GenerationConfig(max_new_tokens=20, max_denoising_steps=4, eos_token_ids=())
+    warmed = Engine(model, EngineConfig(max_batch=2, max_context=128))
+    warmed.warm_up()
+    assert not warmed.has_work() and warmed.nfe == 0
+    fresh = Engine(model, EngineConfig(max_batch=2, max_context=128))
+    prompts = [[2, 5, 6], [2, 9]]
+    assert ([r.output for r in warmed.generate(prompts, gen, [3, 4])]
+            == [r.output for r in fresh.generate(prompts, gen, [3, 4])])

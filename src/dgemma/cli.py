@@ -282,6 +282,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model_dir, model, tokenizer, gen = _load_for_serving(args)
     name = args.served_model_name or model_dir.resolve().name
+    if args.compile:
+        print("compiling the engine step (about a minute on first use)...", file=sys.stderr)
     app = create_app(model, tokenizer, gen,
                      ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                   max_body_bytes=args.max_body_bytes),

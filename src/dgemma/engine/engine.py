@@ -142,6 +142,17 @@ class Engine:
             self.step()
         return requests
 
+    def warm_up(self) -> None:
+        """Run throwaway requests at batch 1 and (if `max_batch` allows) batch 2, two steps each, so that a
+        compiled engine has built its graphs (and the weights are packed) before real requests arrive.
+        Leaves the engine idle; later requests are unaffected (each row's cache is reset on admission)."""
+        if self.has_work():
+            raise RuntimeError("warm_up needs an idle engine")
+        gen = GenerationConfig(max_new_tokens=1, max_denoising_steps=2, eos_token_ids=())
+        for batch in (1, 2) if self.config.max_batch > 1 else (1,):
+            self.generate([[0]] * batch, gen)
+        self.nfe = 0
+
     def has_work(self) -> bool:
         return bool(self.rows or self.waiting)
 

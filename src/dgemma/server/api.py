@@ -130,8 +130,12 @@ def create_app(model: DiffusionGemma, tokenizer: Tokenizer | None, gen: Generati
                config: ServerConfig | None = None, engine_config: EngineConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     engine_config = engine_config or EngineConfig()
-    worker = EngineWorker(Engine(model, engine_config), config.max_queue)
+    engine = Engine(model, engine_config)
+    if engine_config.compile:
+        engine.warm_up()  # build the compiled graphs before the first request rather than during it
+    worker = EngineWorker(engine, config.max_queue)
     metrics = Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
