@@ -29,7 +29,7 @@ from dgemma.config import GenerationConfig
 from dgemma.engine import rng
 from dgemma.engine.kv_cache import StaticKVCache
 from dgemma.engine.runner import DenoiseGraphs, FastWeights, denoise_masked, denoise_rows, encode_row, fast_weights
-from dgemma.engine.sampler import embed_scale_in, fused_sample
+from dgemma.engine.sampler import fused_sample
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import accept_mask
 from dgemma.sampler.reference import trim_generated
@@ -111,7 +111,7 @@ class Engine:
             "t_max": zeros(b, dtype=torch.float32), "stability": zeros(b),
             "confidence": zeros(b, dtype=torch.float32), "entropy_bound": zeros(b, dtype=torch.float32),
         }
-        self.embed_scale = embed_scale_in(mc.embed_scale, model.dtype)
+        self.embed_scale = model.stack.embed_scale.to(model.dtype).item()  # as `TextStack.embed` applies it
         self._since_sync = 0
         self.sync_every = self.config.sync_every or (1 if dev.type == "cpu" else 4)
         self.rows: list[_Row] = []

@@ -202,6 +202,7 @@ def _experts_grouped(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch
     out[order] = weighted
     return out.view(t, k, -1).sum(dim=1).to(x.dtype)
 
+
 def _route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`Router.forward` with the fused norm: x (T, H) -> weights (T, K) fp32, expert ids (T, K)."""
     y = F.rms_norm(x.float(), (x.shape[-1],), None, router.eps).to(x.dtype)
@@ -309,49 +310,44 @@ def denoise_rows(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tens
                  soft_embeds: torch.Tensor) -> torch.Tensor:
     """One bidirectional pass for rows 0..B-1: canvas (B, C), soft embeddings of the previous step's
     distribution (B, C, H) (zeros on a canvas's first step). Returns final-normed hidden states (B, C, H).
-    Attends to exactly the stored context (shapes follow the host-side lengths)."""
-    lengths = cache.lengths[:canvas.shape[0]]
-    return denoise_with(model, cache, canvas, soft_embeds, torch.tensor(lengths, device=canvas.device),
-                        max(lengths), min(lengths) != max(lengths), min(lengths) < cache.ring)
-
-
-def denoise_with(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor, soft_embeds: torch.Tensor,
-                 lengths: torch.Tensor, context: int, mask_context: bool, mask_ring: bool) -> torch.Tensor:
-    """`denoise_rows` given the rows' context lengths (B,) on the device, the longest `context`, and
-    whether some rows are shorter (`mask_context`) or have unfilled sliding-window slots (`mask_ring`)."""
+    Attends to exactly the stored context (shapes follow the host-side lengths); masks only where some
+    rows have a shorter context or unfilled sliding-window slots."""
     b, c = canvas.shape
+    lengths = cache.lengths[:b]
+    context = max(lengths)
+    lengths_t = torch.tensor(lengths, device=canvas.device)
     full_mask = ring_mask = None
-    if mask_context:  # rows with different contexts: mask the unused context slots
-        slot = torch.arange(c + context, device=canvas.device)
-        full_mask = (slot[None] < c + lengths[:, None])[:, None, None]
-    if mask_ring:
+    if min(lengths) != context:
+        full_mask = _context_mask(torch.arange(c + context, device=canvas.device), lengths_t, c)
+    if min(lengths) < cache.ring:
         ring_mask = _ring_mask(cache, b, c)
-    return _denoise(model, fast_weights(model), cache, canvas, soft_embeds, lengths, c + context, full_mask,
+    return _denoise(model, fast_weights(model), cache, canvas, soft_embeds, lengths_t, c + context, full_mask,
                     ring_mask)
 
 
 def denoise_masked(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canvas: torch.Tensor,
                    soft_embeds: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """`denoise_with` for `torch.compile`: `slots` = arange(C + longest context) carries the context length
-    as a tensor size (which can be marked dynamic), both masks are always built, and `fw` (the model's
-    `fast_weights`) comes from outside the compiled region. Same result as `denoise_rows`."""
+    """`denoise_rows` with no host value inside: the rows' context lengths (B,) on the device, `slots` =
+    arange(C + the context slots to attend) carrying that count as a tensor size (which `torch.compile` can
+    mark dynamic), both masks always built, and `fw` (the model's `fast_weights`) passed in from outside a
+    compiled region. Same result as `denoise_rows`."""
     b, c = canvas.shape
-    full_mask = (slots[None] < c + lengths[:, None])[:, None, None]
-    return _denoise(model, fw, cache, canvas, soft_embeds, lengths, slots.shape[0], full_mask,
-                    _ring_mask(cache, b, c))
+    return _denoise(model, fw, cache, canvas, soft_embeds, lengths, slots.shape[0],
+                    _context_mask(slots, lengths, c), _ring_mask(cache, b, c))
 
 
 @torch.no_grad()
 def denoise_rows_static(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor,
                         soft_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """`denoise_rows` with shapes that depend only on the batch size: every context slot is attended
-    under a mask built on the device from `lengths` (B,). No host value enters, so it can be captured
-    in a CUDA graph and replayed for any context length."""
-    b, c = canvas.shape
-    slot = torch.arange(c + cache.max_context, device=canvas.device)
-    full_mask = (slot[None] < c + lengths[:, None])[:, None, None]
-    return _denoise(model, fast_weights(model), cache, canvas, soft_embeds, lengths, c + cache.max_context,
-                    full_mask, _ring_mask(cache, b, c))
+    """`denoise_masked` over every context slot, so shapes depend only on the batch size: it can be
+    captured in a CUDA graph and replayed for any context length."""
+    slots = torch.arange(canvas.shape[1] + cache.max_context, device=canvas.device)
+    return denoise_masked(model, fast_weights(model), cache, canvas, soft_embeds, lengths, slots)
+
+
+def _context_mask(slots: torch.Tensor, lengths: torch.Tensor, c: int) -> torch.Tensor:
+    """(B, 1, 1, slots): the canvas slots and each row's own context slots."""
+    return (slots[None] < c + lengths[:, None])[:, None, None]
 
 
 def _ring_mask(cache: StaticKVCache, b: int, c: int) -> torch.Tensor:

@@ -31,8 +31,9 @@ def fused_sample(hidden: torch.Tensor, weight: torch.Tensor, embed_scale: float,
                  temperature: torch.Tensor, uniforms: torch.Tensor, chunk: int = 1024,
                  head: torch.Tensor | None = None) -> StepOutput:
     """hidden (B, C, H) final-normed; weight (V, H) the tied embedding; `embed_scale` as a number of the
-    weight dtype (`embed_scale_in`); temperature (B,) fp32; uniforms (B, C) in [0, 1); `head`: the same
-    matrix in another memory layout for the logits GEMM (`FastWeights.head`), default `weight`."""
+    weight dtype (`TextStack.embed_scale` cast to it); temperature (B,) fp32; uniforms (B, C) in [0, 1);
+    `head`: the same matrix in another memory layout for the logits GEMM (`FastWeights.head`), default
+    `weight`."""
     b, c, h = hidden.shape
     n = b * c
     flat = hidden.reshape(n, h)
@@ -70,11 +71,6 @@ def _sample_chunk(hidden: torch.Tensor, head: torch.Tensor, weight: torch.Tensor
     return sampled, am, entropy, soft
 
 
-def embed_scale_in(value: float, dtype: torch.dtype) -> float:
-    """The embedding scale rounded to the weight dtype, as `TextStack.embed` applies it."""
-    return torch.tensor(value, dtype=torch.float32).to(dtype).item()
-
-
 def _inverse_cdf(weights: torch.Tensor, targets: torch.Tensor, block: int = 256) -> torch.Tensor:
     """Smallest index i with cumsum(weights)[i] > target, per row, for unnormalised weights (n, V) and
     targets (n,) in [0, row sum). Two levels (block sums, then one block) instead of a full cumsum."""
@@ -103,4 +99,3 @@ def _max_argmax(x: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.
     m, blk = block_max.max(dim=-1)
     inner = blocks.gather(1, blk[:, None, None].expand(n, 1, block)).squeeze(1)
     return m, blk * block + inner.argmax(dim=-1)
-
