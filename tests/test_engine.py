@@ -323,9 +323,11 @@ def test_runner_bf16_stays_within_bf16_tolerance_of_reference():
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
-def test_masked_forward_and_advance_match_the_eager_step():
+@pytest.mark.parametrize("compile_forms", [False, True])
+def test_masked_forward_and_advance_match_the_eager_step(monkeypatch, compile_forms):
     """The body that --compile captures (always-masked forward + advance) equals the eager step's pieces,
-    for rows with different contexts and unfilled sliding windows."""
+    for rows with different contexts and unfilled sliding windows; `compile_forms`: with the exp-based tanh
+    and GELU the body uses when traced for a CPU."""
     from dgemma.engine.engine import _denoise_and_advance, advance
     from dgemma.engine.runner import fast_weights
 
@@ -341,8 +343,11 @@ def test_masked_forward_and_advance_match_the_eager_step():
     lengths = engine.cache.lengths[:b]
     eager = advance(model, fw.head, denoise_rows(model, engine.cache, st["canvas"], st["soft"]), st,
                     engine.embed_scale, 1024)
+    if compile_forms:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     body = _denoise_and_advance(model, fw, engine.cache, st, torch.tensor(lengths),
                                 torch.arange(8 + max(lengths)), engine.embed_scale, 1024)
+    monkeypatch.undo()
     for key in eager:
         if key == "soft":
             torch.testing.assert_close(body[key], eager[key], atol=1e-5, rtol=1e-5)
@@ -360,3 +365,18 @@ def test_warm_up_leaves_an_idle_engine_that_generates_as_a_fresh_one():
     prompts = [[2, 5, 6], [2, 9]]
     assert ([r.output for r in warmed.generate(prompts, gen, [3, 4])]
             == [r.output for r in fresh.generate(prompts, gen, [3, 4])])
+
+
+def test_compiled_tanh_and_gelu_forms_match_aten(monkeypatch):
+    """The exp-based tanh (logit soft cap) and GELU that a CPU graph uses, against ATen's."""
+    from dgemma.engine.runner import gelu_tanh
+    from dgemma.engine.sampler import _tanh
+
+    x = torch.cat([torch.linspace(-60, 60, 24001), torch.tensor([0.0, -0.0, 1e-30, -1e-8, 3e-4, -88.0, 90.0])])
+    want_tanh = torch.tanh(x)
+    want_gelu = torch.nn.functional.gelu(x, approximate="tanh")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got_tanh = _tanh(x.clone())
+    torch.testing.assert_close(got_tanh, want_tanh, atol=3e-7, rtol=0)
+    assert torch.equal(_tanh(torch.tensor([float("inf"), float("-inf")])), torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(gelu_tanh(x), want_gelu, atol=1e-6, rtol=1e-6)

@@ -149,10 +149,19 @@ def fast_weights(model: DiffusionGemma) -> FastWeights:
     return fw
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x, approximate="tanh")`. Compiled for a CPU it is written as x * sigmoid(2u) with a single exp
+    (the same function, within 1e-6): inductor's vectorised tanh costs several times ATen's."""
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        u = x * (1.5957691216057308 + 0.07135481627260025 * x * x)  # 2 sqrt(2/pi) (x + 0.044715 x^3)
+        return x / (1 + torch.exp(-u))
+    return F.gelu(x, approximate="tanh")
+
+
 def _gated(x: torch.Tensor, gate_up: torch.Tensor, down: torch.nn.Linear, inter: int) -> torch.Tensor:
     """down(gelu_tanh(gate(x)) * up(x)) with gate and up in one GEMM."""
     gu = F.linear(x, gate_up)
-    return down(F.gelu(gu[..., :inter], approximate="tanh") * gu[..., inter:])
+    return down(gelu_tanh(gu[..., :inter]) * gu[..., inter:])
 
 
 def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -169,7 +178,7 @@ def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     t = x.shape[0]
     gate_up, down = packed
     gu = F.linear(x, gate_up).view(t, e, 2, -1)
-    act = F.gelu(gu[:, :, 0], approximate="tanh") * gu[:, :, 1]  # (T, E, I)
+    act = gelu_tanh(gu[:, :, 0]) * gu[:, :, 1]  # (T, E, I)
     dense_w = torch.zeros(t, e, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
     if x.dtype == torch.float32:
         return F.linear((act * dense_w[:, :, None]).view(t, -1), down)
