@@ -119,7 +119,7 @@ def test_same_logits_same_tokens_steps_and_eos(hf_checkpoint, monkeypatch):
         return 100.0 * weight[t] / weight[t].norm(dim=-1, keepdim=True)  # (C, H)
 
     monkeypatch.setattr(model, "denoise", lambda canvas, cache, sc=None: model.logits(hidden_for(cache.length)[None]))
-    monkeypatch.setattr(engine_module, "denoise_rows", lambda m, cache, canvas, soft: torch.stack(
+    monkeypatch.setattr(engine_module, "denoise_rows", lambda m, cache, canvas, soft, fw=None: torch.stack(
         [hidden_for(n) for n in cache.lengths[:len(canvas)]]))
     gen = GenerationConfig(max_new_tokens=3 * c, max_denoising_steps=12, eos_token_ids=(1,), pad_token_id=0)
     torch.manual_seed(0)
@@ -168,7 +168,7 @@ def test_stopping_rule_matches_reference(hf_checkpoint, monkeypatch, stability):
         return model.logits(hidden("ref")[None])
 
     monkeypatch.setattr(model, "denoise", ref_denoise)
-    monkeypatch.setattr(engine_module, "denoise_rows", lambda m, cache, canvas, soft: hidden("fast")[None])
+    monkeypatch.setattr(engine_module, "denoise_rows", lambda m, cache, canvas, soft, fw=None: hidden("fast")[None])
     gen = GenerationConfig(max_new_tokens=c, max_denoising_steps=12, stability_threshold=stability)
     torch.manual_seed(0)
     ref = generate(model, torch.tensor([[2, 9]]), gen)
@@ -214,7 +214,7 @@ def test_fewer_host_syncs_same_tokens(hf_checkpoint, monkeypatch):
     c, weight = model.config.canvas_length, model.stack.embed_tokens.weight
     calls = {}
 
-    def hidden(m, cache, canvas, soft):  # each row's argmax settles after a row-specific number of calls
+    def hidden(m, cache, canvas, soft, fw=None):  # each row's argmax settles after a row-specific number of calls
         out = []
         for n in cache.lengths[: len(canvas)]:  # the context length identifies request and canvas here
             calls[n] = calls.get(n, 0) + 1

@@ -117,12 +117,13 @@ class Engine:
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self.nfe = 0  # denoiser calls (batched)
-        fast_weights(model)  # pack the weights once, up front
+        self._fw = fast_weights(model)  # packed once, up front; re-checked when requests are admitted
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._compiled = None
         if self.config.compile:  # the whole step (forward, sampler, state update) as one compiled graph
             # on CPU a C++ wrapper calls the kernels (the Python one costs ~0.4 ms per step at this size)
             options = {"cpp_wrapper": True} if dev.type == "cpu" else None
-            self._compiled = torch.compile(_denoise_and_advance, options=options)
+            self._compiled = torch.compile(_step_in_place, options=options)
         self._graphs = None
         if self.config.cuda_graphs:
             if dev.type != "cuda":
@@ -165,9 +166,10 @@ class Engine:
         if not self.rows:
             return
         b = len(self.rows)
-        st = {k: v[:b] for k, v in self.state.items()}
-        fw = fast_weights(self.model)
-        head = fw.head
+        st = self._views.get(b)
+        if st is None:  # views of the first b rows (the state tensors are never reallocated)
+            st = self._views[b] = {k: v[:b] for k, v in self.state.items()}
+        fw = self._fw
         if self._compiled is not None:
             lengths = self.cache.lengths[:b]
             # the context length reaches the graph as the (dynamic) size of `slots`: one graph for all lengths
@@ -177,17 +179,17 @@ class Engine:
             if b > 1:  # one graph for every batch of 2 or more rows (batch 1 keeps its own, specialised one)
                 for t in (*st.values(), lengths_t):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
-            new = self._compiled(self.model, fw, self.cache, st, lengths_t, slots, self.embed_scale,
-                                 self.config.sampler_chunk)
+            self._compiled(self.model, fw, self.cache, st, lengths_t, slots, self.embed_scale,
+                           self.config.sampler_chunk)  # writes the new state into `st`
         else:
             if self._graphs is not None:
                 lengths = torch.tensor(self.cache.lengths[:b], device=self.model.device)
                 hidden = self._graphs(st["canvas"], st["soft"], lengths)
             else:
-                hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"])
-            new = advance(self.model, head, hidden, st, self.embed_scale, self.config.sampler_chunk)
-        for k, v in new.items():
-            st[k].copy_(v)
+                hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"], fw=fw)
+            new = advance(self.model, fw.head, hidden, st, self.embed_scale, self.config.sampler_chunk)
+            for k, v in new.items():
+                st[k].copy_(v)
         self.nfe += 1
         self._since_sync += 1
         for r in self.rows:
@@ -226,6 +228,8 @@ class Engine:
             raise ValueError(f"stability_threshold above {MAX_STABILITY} is not supported by the engine")
 
     def _admit(self) -> None:
+        if self.waiting:  # re-packs if the model's parameters were replaced (e.g. `model.to(...)`)
+            self._fw = fast_weights(self.model)
         while self.waiting and len(self.rows) < self.config.max_batch:
             request = self.waiting.popleft()
             if request.cancelled:
@@ -236,7 +240,7 @@ class Engine:
             elif self.config.max_batch != 1:
                 raise ValueError("extend_context needs an engine with max_batch=1 (one conversation)")
             ids = torch.tensor([request.prompt], device=self.model.device)
-            encode_row(self.model, self.cache, row, ids)
+            encode_row(self.model, self.cache, row, ids, fw=self._fw)
             self.rows.append(_Row(request))
             self._start_canvas(row)
 
@@ -277,7 +281,7 @@ class Engine:
             if req.on_tokens is not None and (emitted or reason is not None):
                 req.on_tokens(req, emitted)  # the last call comes with req.done set
             if reason is None:
-                encode_row(self.model, self.cache, row, self.state["argmax"][row:row + 1].clone())
+                encode_row(self.model, self.cache, row, self.state["argmax"][row:row + 1].clone(), fw=self._fw)
                 r.canvas_index += 1
                 self._start_canvas(row)
         self._release(finished)
@@ -352,3 +356,11 @@ def _denoise_and_advance(model: DiffusionGemma, fw: FastWeights, cache: StaticKV
     arange(canvas_length + longest context); masks are always applied, so no host value picks a branch."""
     hidden = denoise_masked(model, fw, cache, st["canvas"], st["soft"], lengths, slots)
     return advance(model, fw.head, hidden, st, embed_scale, chunk)
+
+
+def _step_in_place(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, st: dict[str, torch.Tensor],
+                   lengths: torch.Tensor, slots: torch.Tensor, embed_scale: float, chunk: int) -> None:
+    """`_denoise_and_advance` writing the new state into `st` (compiled, the copies fuse into the kernels
+    that produce the values instead of running as separate calls after the graph)."""
+    for k, v in _denoise_and_advance(model, fw, cache, st, lengths, slots, embed_scale, chunk).items():
+        st[k].copy_(v)

@@ -268,9 +268,11 @@ def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 @torch.no_grad()
-def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch.Tensor) -> None:
-    """Causal pass over `ids` (1, S) appended to row `row`'s context; writes K/V, returns nothing."""
-    stack, fw = model.stack, fast_weights(model)
+def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch.Tensor,
+               fw: FastWeights | None = None) -> None:
+    """Causal pass over `ids` (1, S) appended to row `row`'s context; writes K/V, returns nothing. `fw`: the
+    model's `fast_weights` when the caller holds them (saves the cache check)."""
+    stack, fw = model.stack, fw or fast_weights(model)
     n, s = cache.lengths[row], ids.shape[1]
     if n + s > cache.max_context:
         raise ValueError(f"context of {n + s} tokens exceeds the engine's max_context {cache.max_context}")
@@ -316,11 +318,11 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
 
 @torch.no_grad()
 def denoise_rows(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor,
-                 soft_embeds: torch.Tensor) -> torch.Tensor:
+                 soft_embeds: torch.Tensor, fw: FastWeights | None = None) -> torch.Tensor:
     """One bidirectional pass for rows 0..B-1: canvas (B, C), soft embeddings of the previous step's
     distribution (B, C, H) (zeros on a canvas's first step). Returns final-normed hidden states (B, C, H).
     Attends to exactly the stored context (shapes follow the host-side lengths); masks only where some
-    rows have a shorter context or unfilled sliding-window slots."""
+    rows have a shorter context or unfilled sliding-window slots. `fw` as in `encode_row`."""
     b, c = canvas.shape
     lengths = cache.lengths[:b]
     context = max(lengths)
@@ -330,8 +332,8 @@ def denoise_rows(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tens
         full_mask = _context_mask(torch.arange(c + context, device=canvas.device), lengths_t, c)
     if min(lengths) < cache.ring:
         ring_mask = _ring_mask(cache, b, c)
-    return _denoise(model, fast_weights(model), cache, canvas, soft_embeds, lengths_t, c + context, full_mask,
-                    ring_mask)
+    return _denoise(model, fw or fast_weights(model), cache, canvas, soft_embeds, lengths_t, c + context,
+                    full_mask, ring_mask)
 
 
 def denoise_masked(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canvas: torch.Tensor,
