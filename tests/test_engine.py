@@ -193,16 +193,29 @@ def test_grouped_experts_match_reference():
 
 @pytest.mark.slow
 def test_compiled_forward_matches_eager():
-    """The torch.compile'd denoising forward (EngineConfig.compile) against the eager twin."""
-    model = _model(seed=8)
+    """The torch.compile'd step (EngineConfig.compile) against the eager twin; then a second model of the
+    same shapes but other constants (its graphs must not be the first engine's: they skip guards on the
+    model's modules), and that model again after one of its parameters was replaced (re-pack, recompile)."""
     gen = GenerationConfig(max_new_tokens=40, max_denoising_steps=3, eos_token_ids=())
-    eager = Engine(model, EngineConfig(max_batch=2, max_context=256)).generate([[2, 5], [2, 6, 7]], gen, [1, 2])
-    compiled = Engine(model, EngineConfig(max_batch=2, max_context=256, compile=True)).generate(
-        [[2, 5], [2, 6, 7]], gen, [1, 2])
-    for a, b in zip(eager, compiled, strict=True):
-        assert a.steps == b.steps
-        # fp32, fused kernels: equal up to rare near-ties
-        assert sum(x == y for x, y in zip(a.output, b.output, strict=True)) >= 0.95 * len(a.output)
+    prompts = [[2, 5], [2, 6, 7]]
+
+    def check(model, compiled_engine):
+        eager = Engine(model, EngineConfig(max_batch=2, max_context=256)).generate(prompts, gen, [1, 2])
+        compiled = compiled_engine.generate(prompts, gen, [1, 2])
+        for a, b in zip(eager, compiled, strict=True):
+            assert a.steps == b.steps
+            # fp32, fused kernels: equal up to rare near-ties
+            assert sum(x == y for x, y in zip(a.output, b.output, strict=True)) >= 0.95 * len(a.output)
+
+    check(model := _model(seed=8), Engine(model, EngineConfig(max_batch=2, max_context=256, compile=True)))
+    other = _model(seed=9)
+    for layer in other.stack.layers:  # a constant held only by modules (their guards are skipped)
+        layer.post_feedforward_layernorm.eps = 100.0
+    engine = Engine(other, EngineConfig(max_batch=2, max_context=256, compile=True))
+    check(other, engine)
+    mlp = other.stack.layers[1].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach() * -2.0)
+    check(other, engine)
 
 
 def test_fewer_host_syncs_same_tokens(hf_checkpoint, monkeypatch):
