@@ -393,3 +393,29 @@ def test_compiled_tanh_and_gelu_forms_match_aten(monkeypatch):
     torch.testing.assert_close(got_tanh, want_tanh, atol=3e-7, rtol=0)
     assert torch.equal(_tanh(torch.tensor([float("inf"), float("-inf")])), torch.tensor([1.0, -1.0]))
     torch.testing.assert_close(gelu_tanh(x), want_gelu, atol=1e-6, rtol=1e-6)
+
+
+def test_rank_based_acceptance_and_top_k_match_the_sorting_versions(monkeypatch):
+    """The compiled step's sort-free acceptance and max-based expert choice against accept_mask (with a
+    stable sort) and torch.topk: random entropies, zeros, ties across the bound, bounds 0 and large."""
+    from dgemma.engine.runner import _top_k
+    from dgemma.engine.sampler import accept_by_rank
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.rand(64, 32, generator=g) * 0.05
+    h[:8] = 0.0
+    h[8:16, :6] = 0.02  # ties that straddle the bound
+    h[16:24] = torch.round(h[16:24] * 100) / 100
+    for bound in (0.0, 0.03, 0.1, 10.0):
+        bounds = torch.full((64, 1), bound)
+        sorted_h, order = torch.sort(h, dim=-1, stable=True)
+        keep = torch.cumsum(sorted_h, -1) - sorted_h <= bounds
+        want = torch.zeros_like(keep).scatter(-1, order, keep)
+        assert torch.equal(accept_by_rank(h, bounds), want)
+        assert torch.equal(accept_mask(h[:8], bound), want[:8])
+    probs = torch.softmax(torch.randn(50, 6, generator=g), -1)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for k in (1, 2):
+        w, i = _top_k(probs, k)
+        tw, ti = torch.topk(probs, k, dim=-1)
+        assert torch.equal(i, ti) and torch.equal(w, tw)

@@ -30,7 +30,7 @@ from dgemma.config import GenerationConfig
 from dgemma.engine import rng
 from dgemma.engine.kv_cache import StaticKVCache
 from dgemma.engine.runner import DenoiseGraphs, FastWeights, denoise_masked, denoise_rows, encode_row, fast_weights
-from dgemma.engine.sampler import fused_sample
+from dgemma.engine.sampler import accept_by_rank, fused_sample
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import accept_mask
 from dgemma.sampler.reference import trim_generated
@@ -345,7 +345,8 @@ def advance(model: DiffusionGemma, head: torch.Tensor, hidden: torch.Tensor, st:
     cfg = model.config
     out = fused_sample(hidden, model.stack.embed_tokens.weight, embed_scale, cfg.final_logit_softcapping,
                        temperature, u, chunk, head)
-    accepted = accept_mask(out.entropy, st["entropy_bound"][:, None])
+    accept = accept_by_rank if torch.compiler.is_compiling() else accept_mask
+    accepted = accept(out.entropy, st["entropy_bound"][:, None])
     canvas = torch.where(accepted, out.sampled, noise)
     # each row compares its argmax with its last k argmax canvases (k = its stability_threshold)
     history = st["history"]

@@ -217,8 +217,21 @@ def _route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y = F.rms_norm(x.float(), (x.shape[-1],), None, router.eps).to(x.dtype)
     probs = F.softmax(F.linear(y * router.scale * router.root_size, router.proj.weight), dim=-1,
                       dtype=torch.float32)
-    weights, ids = torch.topk(probs, k=router.top_k, dim=-1)
+    weights, ids = _top_k(probs, router.top_k)
     return weights / weights.sum(dim=-1, keepdim=True) * router.per_expert_scale[ids], ids
+
+
+def _top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk` over the experts. Compiled, k <= 2 is one or two max reductions instead (fused with
+    the softmax; a topk is a separate library call there). Ties: the lower index first."""
+    if k > 2 or not torch.compiler.is_compiling():
+        return torch.topk(probs, k=k, dim=-1)
+    w1, i1 = probs.max(dim=-1, keepdim=True)
+    if k == 1:
+        return w1, i1
+    rest = probs.scatter(-1, i1, float("-inf"))
+    w2, i2 = rest.max(dim=-1, keepdim=True)
+    return torch.cat([w1, w2], -1), torch.cat([i1, i2], -1)
 
 
 def _feed_forward(layer, lw: _LayerWeights, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
