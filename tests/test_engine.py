@@ -290,6 +290,11 @@ def test_packed_weights_keep_the_model_and_its_checkpoint(tmp_path):
     reloaded, _ = load_model(tmp_path)
     assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
     assert fast_weights(model) is fw  # cached
+    assert fw.mkl and fw.layers[0].mkl  # fp32 CPU (MKL): packed copies too, stale after an in-place update
+    with torch.no_grad():
+        model.stack.layers[1].mlp.up_proj.weight.mul_(2.0)
+    assert fast_weights(model) is not fw
+    fw = fast_weights(model)
     model.double()
     assert fast_weights(model) is not fw and fast_weights(model).layers[0].qkv.dtype == torch.float64
     model.float()
@@ -355,7 +360,7 @@ def test_masked_forward_and_advance_match_the_eager_step(monkeypatch, compile_fo
     fw = fast_weights(model)
     lengths = engine.cache.lengths[:b]
     eager = advance(model, fw.head, denoise_rows(model, engine.cache, st["canvas"], st["soft"]), st,
-                    engine.embed_scale, 1024)
+                    engine.embed_scale, 1024, fw.mkl)
     if compile_forms:
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     body = _denoise_and_advance(model, fw, engine.cache, st, torch.tensor(lengths),
@@ -419,3 +424,17 @@ def test_rank_based_acceptance_and_top_k_match_the_sorting_versions(monkeypatch)
         w, i = _top_k(probs, k)
         tw, ti = torch.topk(probs, k, dim=-1)
         assert torch.equal(i, ti) and torch.equal(w, tw)
+
+
+def test_mkl_packed_linear_matches_plain_linear():
+    """`linear` through MKL's packed copy equals F.linear for any row count (it is packed for 32)."""
+    from dgemma.engine.runner import _mkl_pack, linear
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch build has no MKL")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 40, generator=g).T.contiguous().T  # input-major storage, as FastWeights keeps it
+    packed = _mkl_pack(w)
+    for shape in [(1, 40), (7, 40), (32, 40), (65, 40), (2, 32, 40)]:
+        x = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(linear(x, w, packed), torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)

@@ -29,7 +29,15 @@ import torch
 from dgemma.config import GenerationConfig
 from dgemma.engine import rng
 from dgemma.engine.kv_cache import StaticKVCache
-from dgemma.engine.runner import DenoiseGraphs, FastWeights, denoise_masked, denoise_rows, encode_row, fast_weights
+from dgemma.engine.runner import (
+    DenoiseGraphs,
+    FastWeights,
+    allow_mkl_in_graphs,
+    denoise_masked,
+    denoise_rows,
+    encode_row,
+    fast_weights,
+)
 from dgemma.engine.sampler import accept_by_rank, fused_sample
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import accept_mask
@@ -184,7 +192,7 @@ class Engine:
                 hidden = self._graphs(st["canvas"], st["soft"], lengths)
             else:
                 hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"], fw=fw)
-            new = advance(self.model, fw.head, hidden, st, self.embed_scale, self.config.sampler_chunk)
+            new = advance(self.model, fw.head, hidden, st, self.embed_scale, self.config.sampler_chunk, fw.mkl)
             for k, v in new.items():
                 st[k].copy_(v)
         self.nfe += 1
@@ -231,6 +239,7 @@ class Engine:
         engine's model keeps its structure, and a model whose parameters were replaced is re-packed and
         recompiled (`_admit`). So that no other engine (another model) can reuse these graphs, each engine
         compiles its own copy of the step's code object (torch.compile caches graphs per code object)."""
+        allow_mkl_in_graphs()
         code = _step_in_place.__code__.replace(co_name=f"_step_in_place_{next(_ENGINE_IDS)}")
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if self.model.device.type == "cpu":  # a C++ wrapper calls the kernels (Python's costs ~0.4 ms per step)
@@ -332,7 +341,7 @@ _ENGINE_IDS = itertools.count()
 
 
 def advance(model: DiffusionGemma, head: torch.Tensor, hidden: torch.Tensor, st: dict[str, torch.Tensor],
-            embed_scale: float, chunk: int) -> dict[str, torch.Tensor]:
+            embed_scale: float, chunk: int, mkl: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Everything after the forward for rows 0..B-1, on the device, from the state tensors `st` (sliced
     to B rows): fused sampler, acceptance, renoise, the stopping test; returns the rows' new state.
     Rows that already stopped (between host syncs) keep theirs, as the reference freezes them."""
@@ -344,7 +353,7 @@ def advance(model: DiffusionGemma, head: torch.Tensor, hidden: torch.Tensor, st:
                                        model.config.vocab_size)
     cfg = model.config
     out = fused_sample(hidden, model.stack.embed_tokens.weight, embed_scale, cfg.final_logit_softcapping,
-                       temperature, u, chunk, head)
+                       temperature, u, chunk, head, mkl)
     accept = accept_by_rank if torch.compiler.is_compiling() else accept_mask
     accepted = accept(out.entropy, st["entropy_bound"][:, None])
     canvas = torch.where(accepted, out.sampled, noise)
@@ -372,7 +381,7 @@ def _denoise_and_advance(model: DiffusionGemma, fw: FastWeights, cache: StaticKV
     """One whole step as a function of tensors: the body `torch.compile` captures. `slots` is
     arange(canvas_length + longest context); masks are always applied, so no host value picks a branch."""
     hidden = denoise_masked(model, fw, cache, st["canvas"], st["soft"], lengths, slots)
-    return advance(model, fw.head, hidden, st, embed_scale, chunk)
+    return advance(model, fw.head, hidden, st, embed_scale, chunk, fw.mkl)
 
 
 def _step_in_place(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, st: dict[str, torch.Tensor],

@@ -34,7 +34,7 @@ class _LayerWeights:
     The module parameters are re-pointed at views of the packed tensors, so the model keeps one copy of
     every weight, and the reference path and a saved checkpoint see exactly the same values."""
 
-    def __init__(self, layer, transposed: bool) -> None:
+    def __init__(self, layer, transposed: bool, mkl: bool) -> None:
         attn = layer.self_attn
         linears = [attn.q_proj, attn.k_proj] + ([attn.v_proj] if attn.v_proj is not None else [])
         self.qkv = _pack(linears, transposed)  # (heads x D + kv x D [+ kv x D], H)
@@ -52,22 +52,75 @@ class _LayerWeights:
         self.expert_gate_up = self.expert_down = None
         if experts.num_experts <= DENSE_EXPERTS:
             self.expert_gate_up, self.expert_down = _pack_experts(experts, transposed)
+        # MKL's own packed copies (CPU, fp32): the GEMM skips re-packing the weight on every call
+        self.mkl: dict[str, torch.Tensor] = {}
+        if mkl:
+            matrices = {"qkv": self.qkv, "o": attn.o_proj.weight, "gate_up": self.gate_up,
+                        "down": layer.mlp.down_proj.weight, "expert_gate_up": self.expert_gate_up,
+                        "expert_down": self.expert_down}
+            self.mkl = {k: _mkl_pack(w) for k, w in matrices.items() if w is not None}
         self.anchors = self._anchors(layer)
 
-    @staticmethod
-    def _anchors(layer) -> tuple[int, ...]:
+    def _anchors(self, layer) -> tuple[int, ...]:
         attn = layer.self_attn
-        return (attn.q_proj.weight.data_ptr(), attn.o_proj.weight.data_ptr(), layer.mlp.gate_proj.weight.data_ptr(),
-                layer.mlp.down_proj.weight.data_ptr(), layer.router.proj.weight.data_ptr(),
-                layer.experts.gate_up_proj.data_ptr(), layer.experts.down_proj.data_ptr(),
-                attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr(), attn.q_norm.weight._version,
-                attn.k_norm.weight._version)
+        weights = (attn.q_proj.weight, attn.o_proj.weight, layer.mlp.gate_proj.weight, layer.mlp.down_proj.weight,
+                   layer.router.proj.weight, layer.experts.gate_up_proj, layer.experts.down_proj)
+        # versions: the QK-norm weights are copied, and so is every matrix with an MKL copy (in-place
+        # updates through the module parameters, which are views, bump the packed storage's version)
+        versioned = (attn.q_norm.weight, attn.k_norm.weight) + (weights if self.mkl else ())
+        return tuple(w.data_ptr() for w in weights + versioned[:2]) + tuple(w._version for w in versioned)
 
     def valid(self, layer) -> bool:
         return self._anchors(layer) == self.anchors
 
 
 DENSE_EXPERTS = 16  # up to this many experts: every expert on every token in two GEMMs (CPU-sized models)
+MKL_PACK_LIMIT = 1 << 30  # parameter bytes up to which a CPU model also keeps MKL-packed copies (~1.3x each)
+_MKL_PACK_BATCH = 32  # the row count MKL is told to pack for (it serves any number of rows)
+
+
+def _mkl_wanted(model: DiffusionGemma) -> bool:
+    """MKL-packed weight copies: fp32 on a CPU with MKL, for models of up to MKL_PACK_LIMIT bytes."""
+    if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return False
+    if not hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"):
+        return False
+    return sum(p.numel() * p.element_size() for p in model.parameters()) <= MKL_PACK_LIMIT
+
+
+def _mkl_pack(w: torch.Tensor) -> torch.Tensor:
+    """MKL's packed form of an (out, in) weight, for `linear`."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(w.detach().contiguous(), _MKL_PACK_BATCH)
+
+
+_MKL_IN_GRAPHS = False  # set by `allow_mkl_in_graphs`
+
+
+def allow_mkl_in_graphs() -> bool:
+    """Let compiled graphs call MKL's packed GEMM: inductor's own lowering of that op only accepts weights
+    frozen into the graph as constants, ours are graph inputs, so the op is made an ordinary library call
+    (C++ on the compiled path). Where that is not possible, compiled graphs use plain GEMMs."""
+    global _MKL_IN_GRAPHS
+    if not _MKL_IN_GRAPHS:
+        try:
+            from torch._inductor import lowering
+
+            op = torch.ops.mkl._mkl_linear
+            for key in (op, op.default):
+                lowering.lowerings.pop(key, None)
+            lowering.make_fallback(op.default)
+            _MKL_IN_GRAPHS = True
+        except (ImportError, AttributeError, AssertionError):
+            return False
+    return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, mkl: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight)`; through MKL's packed GEMM when `mkl` (`_mkl_pack(weight)`) is given, which is
+    15-25% faster for the M = 32-row products of a denoising step on CPU."""
+    if mkl is None or (torch.compiler.is_compiling() and not _MKL_IN_GRAPHS):
+        return F.linear(x, weight)
+    return torch.ops.mkl._mkl_linear(x, mkl, weight, None, _MKL_PACK_BATCH)
 
 
 def _param(value: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
@@ -117,19 +170,25 @@ class FastWeights:
     def __init__(self, model: DiffusionGemma) -> None:
         stack = model.stack
         transposed = model.device.type == "cpu"
-        self.layers = [_LayerWeights(layer, transposed) for layer in stack.layers]
+        mkl = _mkl_wanted(model)
+        self.layers = [_LayerWeights(layer, transposed, mkl) for layer in stack.layers]
         sc = stack.self_conditioning
         self.sc_gate_up = _pack([sc.gate_proj, sc.up_proj], transposed)
         _pack([sc.down_proj], transposed)
         embed = stack.embed_tokens.weight
         self.head = embed.detach().T.contiguous().T if transposed else embed.detach()
+        # MKL copies (see _LayerWeights); "soft": E^T, for the self-conditioning product softmax @ E
+        self.mkl: dict[str, torch.Tensor] = {}
+        if mkl:
+            self.mkl = {"sc_gate_up": _mkl_pack(self.sc_gate_up), "sc_down": _mkl_pack(sc.down_proj.weight),
+                        "head": _mkl_pack(embed), "soft": _mkl_pack(self.head.T)}
         self.anchors = self._anchors(model)
 
-    @staticmethod
-    def _anchors(model: DiffusionGemma) -> tuple[int, ...]:
+    def _anchors(self, model: DiffusionGemma) -> tuple[int, ...]:
         sc, embed = model.stack.self_conditioning, model.stack.embed_tokens.weight
+        versions = (sc.gate_proj.weight._version, sc.down_proj.weight._version) if self.mkl else ()
         return (len(model.stack.layers), sc.gate_proj.weight.data_ptr(), sc.down_proj.weight.data_ptr(),
-                embed.data_ptr(), embed._version)
+                embed.data_ptr(), embed._version) + versions
 
     def valid(self, model: DiffusionGemma) -> bool:
         return (self._anchors(model) == self.anchors
@@ -158,14 +217,16 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def _gated(x: torch.Tensor, gate_up: torch.Tensor, down: torch.nn.Linear, inter: int) -> torch.Tensor:
-    """down(gelu_tanh(gate(x)) * up(x)) with gate and up in one GEMM."""
-    gu = F.linear(x, gate_up)
-    return down(gelu_tanh(gu[..., :inter]) * gu[..., inter:])
+def _gated(x: torch.Tensor, gate_up: torch.Tensor, down: torch.nn.Linear, inter: int,
+           mkl: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
+    """down(gelu_tanh(gate(x)) * up(x)) with gate and up in one GEMM; `mkl`: packed copies of both."""
+    gu = linear(x, gate_up, mkl[0])
+    return linear(gelu_tanh(gu[..., :inter]) * gu[..., inter:], down.weight, mkl[1])
 
 
 def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-             packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+             packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+             mkl: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
     """Routed experts. Few experts (CPU-sized models, `packed` by `_pack_experts`): every expert on every
     token in one GEMM, the routing weights (zero for experts not chosen) applied to the activations, and
     (fp32) the weighted sum over experts done by the second GEMM. Many experts: tokens sorted by expert and
@@ -177,11 +238,11 @@ def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
         return experts(x, ids, weights)
     t = x.shape[0]
     gate_up, down = packed
-    gu = F.linear(x, gate_up).view(t, e, 2, -1)
+    gu = linear(x, gate_up, mkl[0]).view(t, e, 2, -1)
     act = gelu_tanh(gu[:, :, 0]) * gu[:, :, 1]  # (T, E, I)
     dense_w = torch.zeros(t, e, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
     if x.dtype == torch.float32:
-        return F.linear((act * dense_w[:, :, None]).view(t, -1), down)
+        return linear((act * dense_w[:, :, None]).view(t, -1), down, mkl[1])
     # lower precision: round each expert's output, then weight and sum in fp32, as the reference does
     y = torch.matmul(act.transpose(0, 1), experts.down_proj.transpose(1, 2))  # (E, T, H)
     return torch.einsum("eth,te->th", y.float(), dense_w).to(x.dtype)
@@ -239,11 +300,13 @@ def _feed_forward(layer, lw: _LayerWeights, x: torch.Tensor, attn_out: torch.Ten
     r = x + _norm(layer.post_attention_layernorm, attn_out)
     mlp = layer.mlp
     dense = _norm(layer.post_feedforward_layernorm_1,
-                  _gated(_norm(layer.pre_feedforward_layernorm, r), lw.gate_up, mlp.down_proj, lw.intermediate))
+                  _gated(_norm(layer.pre_feedforward_layernorm, r), lw.gate_up, mlp.down_proj, lw.intermediate,
+                         (lw.mkl.get("gate_up"), lw.mkl.get("down"))))
     flat = r.reshape(-1, r.shape[-1])
     weights, ids = _route(layer.router, flat)
     packed = (lw.expert_gate_up, lw.expert_down) if lw.expert_down is not None else None
-    routed = _experts(layer.experts, _norm(layer.pre_feedforward_layernorm_2, flat), ids, weights, packed)
+    routed = _experts(layer.experts, _norm(layer.pre_feedforward_layernorm_2, flat), ids, weights, packed,
+                      (lw.mkl.get("expert_gate_up"), lw.mkl.get("expert_down")))
     routed = _norm(layer.post_feedforward_layernorm_2, routed.reshape(r.shape))
     return (r + _norm(layer.post_feedforward_layernorm, dense + routed)) * layer.layer_scalar
 
@@ -254,7 +317,7 @@ def _qkv(lw: _LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin_signed: torc
     scale-free norm of the raw key projection (K = V)."""
     b, s, _ = x.shape
     nq, nk, d = lw.n_q, lw.n_k, lw.head_dim
-    heads = F.linear(x, lw.qkv).view(b, s, -1, d)
+    heads = linear(x, lw.qkv, lw.mkl.get("qkv")).view(b, s, -1, d)
     normed = F.rms_norm(heads.float(), (d,), None, lw.eps)
     qk = normed[:, :, :nq + nk] * lw.qk_norm
     v = normed[:, :, nq + nk:] if normed.shape[2] > nq + nk else normed[:, :, nq:]
@@ -273,11 +336,12 @@ def _rope(stack, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple
     return out
 
 
-def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            mkl: torch.Tensor | None = None):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
                                          enable_gqa=attn.num_heads != attn.num_kv_heads)
     b, _, s, _ = out.shape
-    return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+    return linear(out.transpose(1, 2).reshape(b, s, -1), attn.o_proj.weight, mkl)
 
 
 @torch.no_grad()
@@ -314,7 +378,7 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
             mask = (key_pos[None] >= 0) & (key_pos[None] <= qp)
             if sliding:
                 mask &= key_pos[None] > qp - (ring + 1)
-            out = _attend(attn, q, torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2), mask)
+            out = _attend(attn, q, torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2), mask, fw.layers[i].mkl.get("o"))
         if sliding:
             keep = min(s, ring)
             kc[:, :, ring_slots] = k[:, :, -keep:]
@@ -386,7 +450,8 @@ def _denoise(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canva
     b, c = canvas.shape
     positions = lengths[:, None] + torch.arange(c, device=canvas.device)[None]
     sc = stack.self_conditioning
-    signal = _gated(_norm(sc.pre_norm, soft_embeds), fw.sc_gate_up, sc.down_proj, sc.gate_proj.weight.shape[0])
+    signal = _gated(_norm(sc.pre_norm, soft_embeds), fw.sc_gate_up, sc.down_proj, sc.gate_proj.weight.shape[0],
+                    (fw.mkl.get("sc_gate_up"), fw.mkl.get("sc_down")))
     x = _norm(sc.post_norm, stack.embed(canvas) + signal)
     rope = _rope(stack, positions, x.dtype)
     for i, layer in enumerate(stack.layers):
@@ -397,10 +462,11 @@ def _denoise(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canva
         kc, vc = cache.keys[i], cache.values[i]
         kc[:b, :, :c] = k
         vc[:b, :, :c] = v
+        o_mkl = fw.layers[i].mkl.get("o")
         if sliding:
-            out = _attend(attn, q, kc[:b], vc[:b], ring_mask)
+            out = _attend(attn, q, kc[:b], vc[:b], ring_mask, o_mkl)
         else:
-            out = _attend(attn, q, kc[:b, :, :full_len], vc[:b, :, :full_len], full_mask)
+            out = _attend(attn, q, kc[:b, :, :full_len], vc[:b, :, :full_len], full_mask, o_mkl)
         x = _feed_forward(layer, fw.layers[i], x, out)
     return _norm(stack.norm, x)
 

@@ -29,11 +29,11 @@ class StepOutput:
 @torch.no_grad()
 def fused_sample(hidden: torch.Tensor, weight: torch.Tensor, embed_scale: float, softcap: float | None,
                  temperature: torch.Tensor, uniforms: torch.Tensor, chunk: int = 1024,
-                 head: torch.Tensor | None = None) -> StepOutput:
+                 head: torch.Tensor | None = None, mkl: dict[str, torch.Tensor] | None = None) -> StepOutput:
     """hidden (B, C, H) final-normed; weight (V, H) the tied embedding; `embed_scale` as a number of the
     weight dtype (`TextStack.embed_scale` cast to it); temperature (B,) fp32; uniforms (B, C) in [0, 1);
     `head`: the same matrix in another memory layout for the logits GEMM (`FastWeights.head`), default
-    `weight`."""
+    `weight`; `mkl`: `FastWeights.mkl` (MKL-packed copies for both GEMMs: "head" and "soft", of `head.T`)."""
     b, c, h = hidden.shape
     n = b * c
     flat = hidden.reshape(n, h)
@@ -41,24 +41,28 @@ def fused_sample(hidden: torch.Tensor, weight: torch.Tensor, embed_scale: float,
     u = uniforms.reshape(-1).to(torch.float32)
     head = weight if head is None else head
     if n <= chunk:  # one pass, no slicing (and no Python loop for torch.compile to unroll)
-        parts = _sample_chunk(flat, head, weight, embed_scale, softcap, temps, u)
+        parts = _sample_chunk(flat, head, weight, embed_scale, softcap, temps, u, mkl)
         return StepOutput(*(p.view(b, c, *p.shape[1:]) for p in parts))
-    pieces = [_sample_chunk(flat[i:i + chunk], head, weight, embed_scale, softcap, temps[i:i + chunk], u[i:i + chunk])
-              for i in range(0, n, chunk)]
+    pieces = [_sample_chunk(flat[i:i + chunk], head, weight, embed_scale, softcap, temps[i:i + chunk],
+                            u[i:i + chunk], mkl) for i in range(0, n, chunk)]
     return StepOutput(*(torch.cat(p).view(b, c, *p[0].shape[1:]) for p in zip(*pieces, strict=True)))
 
 
 def _sample_chunk(hidden: torch.Tensor, head: torch.Tensor, weight: torch.Tensor, scale: float,
-                  softcap: float | None, temps: torch.Tensor, u: torch.Tensor):
+                  softcap: float | None, temps: torch.Tensor, u: torch.Tensor,
+                  mkl: dict[str, torch.Tensor] | None):
     """hidden (n, H) -> sampled, argmax, entropy (n,) and soft embeddings (n, H)."""
+    from dgemma.engine.runner import linear
+
+    mkl = mkl or {}
     if softcap:  # cap * tanh((h @ E^T) / cap) / T; in fp32 the 1 / cap is folded into the (n x H) input
         if hidden.dtype == torch.float32:
-            x = _tanh(torch.nn.functional.linear(hidden * (1.0 / softcap), head))
+            x = _tanh(linear(hidden * (1.0 / softcap), head, mkl.get("head")))
         else:
-            x = _tanh(torch.nn.functional.linear(hidden, head).float().mul_(1.0 / softcap))
+            x = _tanh(linear(hidden, head, mkl.get("head")).float().mul_(1.0 / softcap))
         x.mul_((softcap / temps)[:, None])
     else:
-        x = torch.nn.functional.linear(hidden, head).float().mul_((1.0 / temps)[:, None])
+        x = linear(hidden, head, mkl.get("head")).float().mul_((1.0 / temps)[:, None])
     m, am = _max_argmax(x)
     y = x.sub_(m[:, None])  # processed logits - max (<= 0)
     e = torch.exp(y)
@@ -67,7 +71,9 @@ def _sample_chunk(hidden: torch.Tensor, head: torch.Tensor, weight: torch.Tensor
     entropy = torch.log(s) - (e * y).sum(dim=-1) / s
     sampled = _inverse_cdf(e, u * s)
     # self-conditioning input: softmax @ E, normalised after the (much smaller) matmul
-    soft = ((e.to(weight.dtype) @ weight).float() * (scale / s)[:, None]).to(weight.dtype)
+    probs = e.to(weight.dtype)
+    product = linear(probs, head.T, mkl["soft"]) if "soft" in mkl else probs @ weight
+    soft = (product.float() * (scale / s)[:, None]).to(weight.dtype)
     return sampled, am, entropy, soft
 
 
