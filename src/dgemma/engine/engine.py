@@ -239,7 +239,8 @@ class Engine:
         engine's model keeps its structure, and a model whose parameters were replaced is re-packed and
         recompiled (`_admit`). So that no other engine (another model) can reuse these graphs, each engine
         compiles its own copy of the step's code object (torch.compile caches graphs per code object)."""
-        allow_mkl_in_graphs()
+        if self.model.device.type == "cpu":
+            allow_mkl_in_graphs()
         code = _step_in_place.__code__.replace(co_name=f"_step_in_place_{next(_ENGINE_IDS)}")
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if self.model.device.type == "cpu":  # a C++ wrapper calls the kernels (Python's costs ~0.4 ms per step)
