@@ -197,9 +197,10 @@ class FastWeights:
 
 @torch.no_grad()
 def fast_weights(model: DiffusionGemma) -> FastWeights:
-    """The model's packed weights, (re)built when its parameters were replaced (e.g. `model.to(...)`).
-    Packing replaces the parameter objects (same values): build an optimizer after creating an Engine, or
-    train a model no Engine has touched."""
+    """The model's packed weights, (re)built when its parameters were replaced (e.g. `model.to(...)`) or,
+    where MKL copies exist (fp32 CPU models), updated in place (version counters; `.data` writes are not
+    seen). Packing replaces the parameter objects (same values): build an optimizer after creating an
+    Engine, or train a model no Engine has touched. An Engine re-checks this when it admits requests."""
     fw = model.__dict__.get("_dgemma_fast_weights")
     if fw is None or not fw.valid(model):
         with torch.inference_mode(False):  # normal tensors: the parameters become views of them
