@@ -74,6 +74,7 @@ def main():
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="compiled engine step (built before the first level)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
@@ -81,12 +82,13 @@ def main():
     gen = read_generation_config(path, model.config)
     levels = [int(x) for x in args.levels.split(",")]
     app = create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(model_name="bench", max_queue=256),
-                     EngineConfig(max_batch=max(levels), max_context=1024))
+                     EngineConfig(max_batch=max(levels), max_context=1024, compile=args.compile))
     server, thread, port = start(app)
     try:
         for c in levels:
             r = asyncio.run(level(f"http://127.0.0.1:{port}/v1", c, args.requests_per_client, args.max_tokens))
-            r.update(model=str(Path(path).name), threads=args.threads, max_tokens=args.max_tokens)
+            r.update(model=str(Path(path).name), threads=args.threads, max_tokens=args.max_tokens,
+                     compile=args.compile)
             print(json.dumps(r), flush=True)
     finally:
         server.should_exit = True
