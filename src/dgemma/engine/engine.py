@@ -239,12 +239,11 @@ class Engine:
         engine's model keeps its structure, and a model whose parameters were replaced is re-packed and
         recompiled (`_admit`). So that no other engine (another model) can reuse these graphs, each engine
         compiles its own copy of the step's code object (torch.compile caches graphs per code object)."""
-        if self.model.device.type == "cpu":
-            allow_mkl_in_graphs()
         code = _step_in_place.__code__.replace(co_name=f"_step_in_place_{next(_ENGINE_IDS)}")
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if self.model.device.type == "cpu":  # a C++ wrapper calls the kernels (Python's costs ~0.4 ms per step)
-            options["cpp_wrapper"] = True
+        if self.model.device.type == "cpu":
+            allow_mkl_in_graphs()
+            options["cpp_wrapper"] = True  # a C++ wrapper calls the kernels (Python's costs ~0.4 ms per step)
         return torch.compile(types.FunctionType(code, globals()), options=options)
 
     def _admit(self) -> None:
@@ -350,9 +349,9 @@ def advance(model: DiffusionGemma, head: torch.Tensor, hidden: torch.Tensor, st:
     steps_left = st["steps_left"]
     # the reference's fp32 schedule: t_min + (t_max - t_min) * (step / N)
     temperature = st["t_min"] + (st["t_max"] - st["t_min"]) * (steps_left.to(torch.int32) / st["n_steps"])
-    u, noise = rng.uniform_and_randint(st["seed"], st["canvas_index"], steps_left, c, STREAM_SAMPLE, STREAM_NOISE,
-                                       model.config.vocab_size)
     cfg = model.config
+    u, noise = rng.uniform_and_randint(st["seed"], st["canvas_index"], steps_left, c, STREAM_SAMPLE, STREAM_NOISE,
+                                       cfg.vocab_size)
     out = fused_sample(hidden, model.stack.embed_tokens.weight, embed_scale, cfg.final_logit_softcapping,
                        temperature, u, chunk, head, mkl)
     accept = accept_by_rank if torch.compiler.is_compiling() else accept_mask

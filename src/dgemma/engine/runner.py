@@ -67,8 +67,9 @@ class _LayerWeights:
                    layer.router.proj.weight, layer.experts.gate_up_proj, layer.experts.down_proj)
         # versions: the QK-norm weights are copied, and so is every matrix with an MKL copy (in-place
         # updates through the module parameters, which are views, bump the packed storage's version)
-        versioned = (attn.q_norm.weight, attn.k_norm.weight) + (weights if self.mkl else ())
-        return tuple(w.data_ptr() for w in weights + versioned[:2]) + tuple(w._version for w in versioned)
+        norms = (attn.q_norm.weight, attn.k_norm.weight)
+        versioned = norms + (weights if self.mkl else ())
+        return tuple(w.data_ptr() for w in weights + norms) + tuple(w._version for w in versioned)
 
     def valid(self, layer) -> bool:
         return self._anchors(layer) == self.anchors
@@ -96,23 +97,23 @@ def _mkl_pack(w: torch.Tensor) -> torch.Tensor:
 _MKL_IN_GRAPHS = False  # set by `allow_mkl_in_graphs`
 
 
-def allow_mkl_in_graphs() -> bool:
+def allow_mkl_in_graphs() -> None:
     """Let compiled graphs call MKL's packed GEMM: inductor's own lowering of that op only accepts weights
     frozen into the graph as constants, ours are graph inputs, so the op is made an ordinary library call
-    (C++ on the compiled path). Where that is not possible, compiled graphs use plain GEMMs."""
+    (C++ on the compiled path). Where that is not possible, compiled graphs use plain GEMMs (`linear`)."""
     global _MKL_IN_GRAPHS
-    if not _MKL_IN_GRAPHS:
-        try:
-            from torch._inductor import lowering
+    if _MKL_IN_GRAPHS:
+        return
+    try:
+        from torch._inductor import lowering
 
-            op = torch.ops.mkl._mkl_linear
-            for key in (op, op.default):
-                lowering.lowerings.pop(key, None)
-            lowering.make_fallback(op.default)
-            _MKL_IN_GRAPHS = True
-        except (ImportError, AttributeError, AssertionError):
-            return False
-    return True
+        op = torch.ops.mkl._mkl_linear
+        for key in (op, op.default):
+            lowering.lowerings.pop(key, None)
+        lowering.make_fallback(op.default)
+        _MKL_IN_GRAPHS = True
+    except (ImportError, AttributeError, AssertionError):
+        pass
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, mkl: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dgemma.engine.runner import linear
+
 
 @dataclass
 class StepOutput:
@@ -52,8 +54,6 @@ def _sample_chunk(hidden: torch.Tensor, head: torch.Tensor, weight: torch.Tensor
                   softcap: float | None, temps: torch.Tensor, u: torch.Tensor,
                   mkl: dict[str, torch.Tensor] | None):
     """hidden (n, H) -> sampled, argmax, entropy (n,) and soft embeddings (n, H)."""
-    from dgemma.engine.runner import linear
-
     mkl = mkl or {}
     if softcap:  # cap * tanh((h @ E^T) / cap) / T; in fp32 the 1 / cap is folded into the (n x H) input
         if hidden.dtype == torch.float32:
@@ -78,7 +78,7 @@ def _sample_chunk(hidden: torch.Tensor, head: torch.Tensor, weight: torch.Tensor
 
 
 def _tanh(x: torch.Tensor) -> torch.Tensor:
-    """In-place tanh of fp32 `x`. Compiled for a CPU it is written with one exp, sign(x) (1 - e) / (1 + e),
+    """tanh of fp32 `x` (in place, eager). Compiled for a CPU it is written with one exp, sign(x) (1 - e) / (1 + e),
     e = exp(-2|x|), within 2e-7 of `torch.tanh`: inductor's vectorised tanh costs several times ATen's, and
     this pass runs over every (position x vocabulary) logit."""
     if x.device.type == "cpu" and torch.compiler.is_compiling():
