@@ -295,6 +295,20 @@ def test_packed_weights_keep_the_model_and_its_checkpoint(tmp_path):
         model.stack.layers[1].mlp.up_proj.weight.mul_(2.0)
     assert fast_weights(model) is not fw
     fw = fast_weights(model)
+    # the FFN input products in one GEMM, norm weights and router scale folded in: updates to those count too
+    assert all(lw.ffn_in is not None for lw in fw.layers)
+    for vector in ("pre_feedforward_layernorm.weight", "pre_feedforward_layernorm_2.weight", "router.scale"):
+        with torch.no_grad():
+            model.stack.layers[0].get_parameter(vector).mul_(1.5)
+        assert fast_weights(model) is not fw
+        fw = fast_weights(model)
+    fast_cache = StaticKVCache(model.config, 1, 64, "cpu", torch.float32)  # the fast forward sees the updates
+    encode_row(model, fast_cache, 0, torch.tensor([[2, 7, 9, 4]]))
+    ref_cache = model.new_cache()
+    model.encode(torch.tensor([[2, 7, 9, 4]]), ref_cache)
+    no_signal = torch.zeros(1, canvas.shape[1], model.config.hidden_size)  # a canvas's first step
+    fast = model.logits(denoise_rows(model, fast_cache, canvas, no_signal))
+    torch.testing.assert_close(fast, model.denoise(canvas, ref_cache), atol=1e-5, rtol=1e-5)
     model.double()
     assert fast_weights(model) is not fw and fast_weights(model).layers[0].qkv.dtype == torch.float64
     model.float()

@@ -54,10 +54,17 @@ class _LayerWeights:
             self.expert_gate_up, self.expert_down = _pack_experts(experts, transposed)
         # MKL's own packed copies (CPU, fp32): the GEMM skips re-packing the weight on every call
         self.mkl: dict[str, torch.Tensor] = {}
+        # with MKL copies (fp32), the FFN's three input products (dense gate/up, every expert's gate/up,
+        # router) become one GEMM: they read the same normalised residual, so their norm weights (and the
+        # router's scale) are folded into one stacked copy of the three matrices (`ffn_in`)
+        self.ffn_in = _fold_ffn_inputs(layer, self.gate_up, self.expert_gate_up) if mkl else None
+        self.ffn_eps = layer.pre_feedforward_layernorm.eps
         if mkl:
             matrices = {"qkv": self.qkv, "o": attn.o_proj.weight, "gate_up": self.gate_up,
                         "down": layer.mlp.down_proj.weight, "expert_gate_up": self.expert_gate_up,
-                        "expert_down": self.expert_down}
+                        "expert_down": self.expert_down, "ffn_in": self.ffn_in}
+            if self.ffn_in is not None:
+                del matrices["gate_up"], matrices["expert_gate_up"]
             self.mkl = {k: _mkl_pack(w) for k, w in matrices.items() if w is not None}
         self.anchors = self._anchors(layer)
 
@@ -66,10 +73,12 @@ class _LayerWeights:
         weights = (attn.q_proj.weight, attn.o_proj.weight, layer.mlp.gate_proj.weight, layer.mlp.down_proj.weight,
                    layer.router.proj.weight, layer.experts.gate_up_proj, layer.experts.down_proj)
         # versions: the QK-norm weights are copied, and so is every matrix with an MKL copy (in-place
-        # updates through the module parameters, which are views, bump the packed storage's version)
+        # updates through the module parameters, which are views, bump the packed storage's version),
+        # and the vectors folded into `ffn_in`
         norms = (attn.q_norm.weight, attn.k_norm.weight)
-        versioned = norms + (weights if self.mkl else ())
-        return tuple(w.data_ptr() for w in weights + norms) + tuple(w._version for w in versioned)
+        folded = _ffn_folded_vectors(layer) if self.ffn_in is not None else ()
+        versioned = norms + folded + (weights if self.mkl else ())
+        return tuple(w.data_ptr() for w in weights + norms + folded) + tuple(w._version for w in versioned)
 
     def valid(self, layer) -> bool:
         return self._anchors(layer) == self.anchors
@@ -78,6 +87,23 @@ class _LayerWeights:
 DENSE_EXPERTS = 16  # up to this many experts: every expert on every token in two GEMMs (CPU-sized models)
 MKL_PACK_LIMIT = 1 << 30  # parameter bytes up to which a CPU model also keeps MKL-packed copies (~1.3x each)
 _MKL_PACK_BATCH = 32  # the row count MKL is told to pack for (it serves any number of rows)
+
+
+def _ffn_folded_vectors(layer) -> tuple[torch.Tensor, ...]:
+    return layer.pre_feedforward_layernorm.weight, layer.pre_feedforward_layernorm_2.weight, layer.router.scale
+
+
+def _fold_ffn_inputs(layer, gate_up: torch.Tensor, expert_gate_up: torch.Tensor | None) -> torch.Tensor | None:
+    """(2I + E x 2I_e + E, H): [gate_up * w1; expert_gate_up * w2; router * scale / sqrt(H)], w1 and w2 the
+    weights of `pre_feedforward_layernorm(_2)`, so that one GEMM of the scale-free RMSNorm of the residual
+    gives all three products. None where the three norms differ in eps or the experts are not dense."""
+    router, pre1, pre2 = layer.router, layer.pre_feedforward_layernorm, layer.pre_feedforward_layernorm_2
+    if expert_gate_up is None or pre1.weight is None or pre2.weight is None or not pre1.eps == pre2.eps == router.eps:
+        return None
+    with torch.no_grad():
+        w1, w2 = pre1.weight.float(), pre2.weight.float()
+        rows = [gate_up * w1, expert_gate_up * w2, router.proj.weight * (router.scale.float() * router.root_size)]
+        return torch.cat(rows).contiguous()
 
 
 def _mkl_wanted(model: DiffusionGemma) -> bool:
@@ -233,21 +259,26 @@ def _experts(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     token in one GEMM, the routing weights (zero for experts not chosen) applied to the activations, and
     (fp32) the weighted sum over experts done by the second GEMM. Many experts: tokens sorted by expert and
     two grouped GEMMs (no Python loop, no host sync); the reference loop where those are unavailable."""
-    e = experts.num_experts
     if packed is None:
         if _grouped_ok(experts, x):
             return _experts_grouped(experts, x, ids, weights)
         return experts(x, ids, weights)
-    t = x.shape[0]
-    gate_up, down = packed
-    gu = linear(x, gate_up, mkl[0]).view(t, e, 2, -1)
+    return _dense_experts(experts, linear(x, packed[0], mkl[0]), ids, weights, packed[1], mkl[1])
+
+
+def _dense_experts(experts, gu: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, down: torch.Tensor,
+                   down_mkl: torch.Tensor | None) -> torch.Tensor:
+    """The rest of `_experts` for few experts from every expert's gate/up products gu (T, E x 2I)."""
+    t, e = gu.shape[0], experts.num_experts
+    dtype = gu.dtype
+    gu = gu.view(t, e, 2, -1)
     act = gelu_tanh(gu[:, :, 0]) * gu[:, :, 1]  # (T, E, I)
-    dense_w = torch.zeros(t, e, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
-    if x.dtype == torch.float32:
-        return linear((act * dense_w[:, :, None]).view(t, -1), down, mkl[1])
+    dense_w = torch.zeros(t, e, dtype=torch.float32, device=gu.device).scatter_(1, ids, weights)
+    if dtype == torch.float32:
+        return linear((act * dense_w[:, :, None]).view(t, -1), down, down_mkl)
     # lower precision: round each expert's output, then weight and sum in fp32, as the reference does
     y = torch.matmul(act.transpose(0, 1), experts.down_proj.transpose(1, 2))  # (E, T, H)
-    return torch.einsum("eth,te->th", y.float(), dense_w).to(x.dtype)
+    return torch.einsum("eth,te->th", y.float(), dense_w).to(dtype)
 
 
 def _grouped_ok(experts, x: torch.Tensor) -> bool:
@@ -278,8 +309,11 @@ def _experts_grouped(experts, x: torch.Tensor, ids: torch.Tensor, weights: torch
 def _route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`Router.forward` with the fused norm: x (T, H) -> weights (T, K) fp32, expert ids (T, K)."""
     y = F.rms_norm(x.float(), (x.shape[-1],), None, router.eps).to(x.dtype)
-    probs = F.softmax(F.linear(y * router.scale * router.root_size, router.proj.weight), dim=-1,
-                      dtype=torch.float32)
+    return _route_scores(router, F.linear(y * router.scale * router.root_size, router.proj.weight))
+
+
+def _route_scores(router, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32)
     weights, ids = _top_k(probs, router.top_k)
     return weights / weights.sum(dim=-1, keepdim=True) * router.per_expert_scale[ids], ids
 
@@ -301,6 +335,17 @@ def _feed_forward(layer, lw: _LayerWeights, x: torch.Tensor, attn_out: torch.Ten
     """`DecoderLayer.finish` with fused norms, packed gate/up and the batched experts."""
     r = x + _norm(layer.post_attention_layernorm, attn_out)
     mlp = layer.mlp
+    if lw.ffn_in is not None:  # the three input products in one GEMM (see `_fold_ffn_inputs`)
+        flat = r.reshape(-1, r.shape[-1])
+        i, n_experts = lw.intermediate, lw.expert_gate_up.shape[0]
+        y = linear(F.rms_norm(flat, (flat.shape[-1],), None, lw.ffn_eps), lw.ffn_in, lw.mkl["ffn_in"])
+        dense = linear(gelu_tanh(y[:, :i]) * y[:, i:2 * i], mlp.down_proj.weight, lw.mkl["down"])
+        weights, ids = _route_scores(layer.router, y[:, 2 * i + n_experts:])
+        routed = _dense_experts(layer.experts, y[:, 2 * i:2 * i + n_experts], ids, weights, lw.expert_down,
+                                lw.mkl["expert_down"])
+        routed = _norm(layer.post_feedforward_layernorm_2, routed)
+        dense = _norm(layer.post_feedforward_layernorm_1, dense)
+        return (r + _norm(layer.post_feedforward_layernorm, dense + routed).view(r.shape)) * layer.layer_scalar
     dense = _norm(layer.post_feedforward_layernorm_1,
                   _gated(_norm(layer.pre_feedforward_layernorm, r), lw.gate_up, mlp.down_proj, lw.intermediate,
                          (lw.mkl.get("gate_up"), lw.mkl.get("down"))))
