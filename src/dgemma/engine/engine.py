@@ -105,7 +105,7 @@ class Engine:
         self.vocab = mc.vocab_size
         self.cache = StaticKVCache(mc, self.config.max_batch, self.config.max_context, model.device, model.dtype)
         b, c, h = self.config.max_batch, mc.canvas_length, mc.hidden_size
-        dev = model.device
+        dev = self.device = model.device  # the engine's tensors stay on this device
 
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=dev)
@@ -128,6 +128,8 @@ class Engine:
         self.nfe = 0  # denoiser calls (batched)
         self._fw = fast_weights(model)  # packed once, up front; re-checked when requests are admitted
         self._views: dict[int, dict[str, torch.Tensor]] = {}
+        self._context_key: tuple[int, ...] | None = None  # `_context_inputs` cache
+        self._context: tuple[torch.Tensor, torch.Tensor] | None = None
         self._compiled = self._compile() if self.config.compile else None
         self._graphs = None
         if self.config.cuda_graphs:
@@ -176,19 +178,12 @@ class Engine:
             st = self._views[b] = {k: v[:b] for k, v in self.state.items()}
         fw = self._fw
         if self._compiled is not None:
-            lengths = self.cache.lengths[:b]
-            # the context length reaches the graph as the (dynamic) size of `slots`: one graph for all lengths
-            slots = torch.arange(self.canvas_length + max(lengths), device=self.model.device)
-            lengths_t = torch.tensor(lengths, device=self.model.device)
-            torch._dynamo.maybe_mark_dynamic(slots, 0)
-            if b > 1:  # one graph for every batch of 2 or more rows (batch 1 keeps its own, specialised one)
-                for t in (*st.values(), lengths_t):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            lengths_t, slots = self._context_inputs(b)
             self._compiled(self.model, fw, self.cache, st, lengths_t, slots, self.embed_scale,
                            self.config.sampler_chunk)  # writes the new state into `st`
         else:
             if self._graphs is not None:
-                lengths = torch.tensor(self.cache.lengths[:b], device=self.model.device)
+                lengths = torch.tensor(self.cache.lengths[:b], device=self.device)
                 hidden = self._graphs(st["canvas"], st["soft"], lengths)
             else:
                 hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"], fw=fw)
@@ -200,7 +195,10 @@ class Engine:
         for r in self.rows:
             r.steps_left -= 1
         drafts = any(r.request.on_draft is not None for r in self.rows)
-        if not (drafts or self._since_sync >= self.sync_every or any(r.steps_left == 0 for r in self.rows)):
+        # rows whose confidence threshold is 0 never stop early (a rounding-level stop would still be
+        # committed, frozen, at the canvas's last step): no sync needed for them until then
+        early = self._since_sync >= self.sync_every and any(r.request.gen.confidence_threshold > 0 for r in self.rows)
+        if not (drafts or early or any(r.steps_left == 0 for r in self.rows)):
             return
         # sync: one per `sync_every` steps (and at a canvas's last step) decides which rows commit
         self._since_sync = 0
@@ -212,6 +210,22 @@ class Engine:
         self._commit([i for i, r in enumerate(self.rows) if frozen[i] or r.steps_left == 0])
 
     # -- internals ------------------------------------------------------------------------------------
+    def _context_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled step's context inputs for the first b rows, made again only when the rows' context
+        lengths changed (a commit or an admission): their lengths (b,) and arange(C + longest context),
+        through whose (dynamic) size the context length reaches the graph (one graph for all lengths)."""
+        lengths = tuple(self.cache.lengths[:b])
+        if self._context_key != lengths:
+            st = self._views[b]
+            lengths_t = torch.tensor(lengths, device=self.device)
+            slots = torch.arange(self.canvas_length + max(lengths), device=self.device)
+            torch._dynamo.maybe_mark_dynamic(slots, 0)
+            if b > 1:  # one graph for every batch of 2 or more rows (batch 1 keeps its own, specialised one)
+                for t in (*st.values(), lengths_t):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            self._context_key, self._context = lengths, (lengths_t, slots)
+        return self._context
+
     def _validate(self, request: Request) -> None:
         if not request.prompt:
             raise ValueError("prompt is empty")
@@ -241,9 +255,13 @@ class Engine:
         compiles its own copy of the step's code object (torch.compile caches graphs per code object)."""
         code = _step_in_place.__code__.replace(co_name=f"_step_in_place_{next(_ENGINE_IDS)}")
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if self.model.device.type == "cpu":
+        if self.device.type == "cpu":
             allow_mkl_in_graphs()
             options["cpp_wrapper"] = True  # a C++ wrapper calls the kernels (Python's costs ~0.4 ms per step)
+        # no size/stride re-check of every input and library-call result on each call (~0.3 us each, ~140
+        # inputs): the guards check the state tensors' shapes, and the weights' only change by a re-pack,
+        # which recompiles
+        options["size_asserts"] = False
         return torch.compile(types.FunctionType(code, globals()), options=options)
 
     def _admit(self) -> None:
@@ -261,7 +279,7 @@ class Engine:
                 self.cache.reset_row(row)
             elif self.config.max_batch != 1:
                 raise ValueError("extend_context needs an engine with max_batch=1 (one conversation)")
-            ids = torch.tensor([request.prompt], device=self.model.device)
+            ids = torch.tensor([request.prompt], device=self.device)
             encode_row(self.model, self.cache, row, ids, fw=self._fw)
             self.rows.append(_Row(request))
             self._start_canvas(row)
@@ -270,7 +288,7 @@ class Engine:
         r = self.rows[row]
         gen = r.request.gen
         r.steps_left, r.steps_taken = gen.max_denoising_steps, 0
-        st, dev = self.state, self.model.device
+        st, dev = self.state, self.device
         st["canvas"][row] = rng.randint(torch.tensor([r.request.seed], device=dev),
                                         torch.tensor([r.canvas_index], device=dev),
                                         torch.tensor([0], device=dev), self.canvas_length, STREAM_INIT, self.vocab)[0]
