@@ -317,6 +317,34 @@ def test_packed_weights_keep_the_model_and_its_checkpoint(tmp_path):
     assert not model.stack.layers[0].self_attn.q_proj.weight.is_inference()
 
 
+@pytest.mark.parametrize("window,canvas,prompt", [(12, 8, 5), (6, 8, 3), (12, 8, 30), (200, 16, 40)])
+def test_canvas_commit_pass_matches_encode_row(window, canvas, prompt):
+    """`encode_canvas` (the compiled engine's commit pass: new K/V in the canvas slots, a causal mask over
+    them, then copied into context slots / the ring) writes the cache `encode_row` writes; windows both
+    wider and narrower than the canvas, rings filled and wrapping."""
+    from dgemma.engine.runner import encode_canvas, fast_weights
+
+    model = _model(sliding_window=window, canvas_length=canvas)
+    fw = fast_weights(model)
+    caches = [StaticKVCache(model.config, 2, 256, "cpu", torch.float32) for _ in range(2)]
+    g = torch.Generator().manual_seed(window)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=g)
+    for cache in caches:
+        encode_row(model, cache, 1, ids)
+    for _ in range(3):
+        ids = torch.randint(3, model.config.vocab_size, (1, canvas), generator=g)
+        encode_row(model, caches[0], 1, ids)
+        b = caches[1]
+        n = b.lengths[1]
+        encode_canvas(model, fw, [k[1:2] for k in b.keys], [v[1:2] for v in b.values], b.ring_pos[1:2], ids,
+                      torch.arange(canvas + n))
+        b.lengths[1] = n + canvas
+    a, b = caches
+    assert a.lengths == b.lengths and torch.equal(a.ring_pos, b.ring_pos)
+    for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True):  # context slots (after the canvas's)
+        torch.testing.assert_close(x[:, :, canvas:], y[:, :, canvas:], atol=2e-5, rtol=2e-5)
+
+
 def test_rng_hash_matches_plain_integer_arithmetic():
     """The int64 tensor hash equals the same 32-bit mixer in Python integers: no step overflows (compiled
     code would be free to miscompute an overflow)."""

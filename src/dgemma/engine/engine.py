@@ -35,6 +35,7 @@ from dgemma.engine.runner import (
     allow_mkl_in_graphs,
     denoise_masked,
     denoise_rows,
+    encode_canvas,
     encode_row,
     fast_weights,
 )
@@ -130,7 +131,8 @@ class Engine:
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._context_key: tuple[int, ...] | None = None  # `_context_inputs` cache
         self._context: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._compiled = self._compile() if self.config.compile else None
+        self._compiled = self._compile(_step_in_place) if self.config.compile else None
+        self._compiled_commit = self._compile(encode_canvas) if self.config.compile else None
         self._graphs = None
         if self.config.cuda_graphs:
             if dev.type != "cuda":
@@ -153,12 +155,14 @@ class Engine:
         return requests
 
     def warm_up(self) -> None:
-        """Run throwaway requests at batch 1 and (if `max_batch` allows) batch 2, two steps each, so that a
-        compiled engine has built its graphs (and the weights are packed) before real requests arrive.
+        """Run throwaway requests at batch 1 and (if `max_batch` allows) batch 2, two canvases of two steps
+        each, so that a compiled engine has built its graphs (the step at both batch sizes, the commit
+        pass) and the weights are packed before real requests arrive.
         Leaves the engine idle; later requests are unaffected (each row's cache is reset on admission)."""
         if self.has_work():
             raise RuntimeError("warm_up needs an idle engine")
-        gen = GenerationConfig(max_new_tokens=1, max_denoising_steps=2, eos_token_ids=())
+        # two canvases: the second needs a commit pass (a graph of its own when compiled)
+        gen = GenerationConfig(max_new_tokens=self.canvas_length + 1, max_denoising_steps=2, eos_token_ids=())
         for batch in (1, 2) if self.config.max_batch > 1 else (1,):
             self.generate([[0]] * batch, gen)
         self.nfe = 0
@@ -246,14 +250,15 @@ class Engine:
         if request.gen.stability_threshold > MAX_STABILITY:
             raise ValueError(f"stability_threshold above {MAX_STABILITY} is not supported by the engine")
 
-    def _compile(self) -> Callable:
-        """The whole step (forward, sampler, state update) as one compiled graph, for this engine alone.
+    def _compile(self, fn: Callable) -> Callable:
+        """`fn` compiled for this engine alone: the whole step (forward, sampler, state update,
+        `_step_in_place`) or the commit pass (`encode_canvas`).
 
         Guards (checked before every call, ~0.1 ms for ~1,000 of them) skip the model's modules: this
         engine's model keeps its structure, and a model whose parameters were replaced is re-packed and
         recompiled (`_admit`). So that no other engine (another model) can reuse these graphs, each engine
-        compiles its own copy of the step's code object (torch.compile caches graphs per code object)."""
-        code = _step_in_place.__code__.replace(co_name=f"_step_in_place_{next(_ENGINE_IDS)}")
+        compiles its own copy of the function's code object (torch.compile caches graphs per code object)."""
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_ENGINE_IDS)}")
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if self.device.type == "cpu":
             allow_mkl_in_graphs()
@@ -262,13 +267,13 @@ class Engine:
         # inputs): the guards check the state tensors' shapes, and the weights' only change by a re-pack,
         # which recompiles
         options["size_asserts"] = False
-        return torch.compile(types.FunctionType(code, globals()), options=options)
+        return torch.compile(types.FunctionType(code, fn.__globals__), options=options)
 
     def _admit(self) -> None:
         if self.waiting:  # re-packs if the model's parameters were replaced (e.g. `model.to(...)`)
             fw = fast_weights(self.model)
             if fw is not self._fw and self._compiled is not None:
-                self._compiled = self._compile()
+                self._compiled, self._compiled_commit = self._compile(_step_in_place), self._compile(encode_canvas)
             self._fw = fw
         while self.waiting and len(self.rows) < self.config.max_batch:
             request = self.waiting.popleft()
@@ -321,10 +326,26 @@ class Engine:
             if req.on_tokens is not None and (emitted or reason is not None):
                 req.on_tokens(req, emitted)  # the last call comes with req.done set
             if reason is None:
-                encode_row(self.model, self.cache, row, self.state["argmax"][row:row + 1].clone(), fw=self._fw)
+                self._encode_canvas(row, self.state["argmax"][row:row + 1].clone())
                 r.canvas_index += 1
                 self._start_canvas(row)
         self._release(finished)
+
+    def _encode_canvas(self, row: int, ids: torch.Tensor) -> None:
+        """Commit pass for a finished canvas: `encode_row`, or compiled, `encode_canvas` (one graph for
+        every row and context length)."""
+        if self._compiled_commit is None:
+            encode_row(self.model, self.cache, row, ids, fw=self._fw)
+            return
+        n, c = self.cache.lengths[row], self.canvas_length
+        if n + c > self.cache.max_context:
+            raise ValueError(f"context of {n + c} tokens exceeds the engine's max_context {self.cache.max_context}")
+        slots = torch.arange(c + n, device=self.device)
+        torch._dynamo.maybe_mark_dynamic(slots, 0)
+        cache = self.cache
+        self._compiled_commit(self.model, self._fw, [k[row:row + 1] for k in cache.keys],
+                              [v[row:row + 1] for v in cache.values], cache.ring_pos[row:row + 1], ids, slots)
+        cache.lengths[row] = n + c
 
     def _release(self, rows: list[int]) -> None:
         for row in sorted(rows, reverse=True):

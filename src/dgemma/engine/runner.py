@@ -440,6 +440,57 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
     cache.lengths[row] = n + s
 
 
+def encode_canvas(model: DiffusionGemma, fw: FastWeights, keys: list[torch.Tensor], values: list[torch.Tensor],
+                  ring_pos: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor) -> None:
+    """`encode_row` for one row and a whole canvas (C tokens), with no host value inside (the compiled
+    engine's commit pass): `keys`/`values` the row's per-layer cache views (1, kv heads, slots, D),
+    `ring_pos` its (1, ring) view, ids (1, C), `slots` = arange(C + n) with n the row's context length as
+    its (dynamic) size. The new K/V go into the canvas slots first (free between denoising steps), so
+    each layer attends to one view [canvas | context] with a causal mask over the canvas part, then are
+    copied into the context slots (full layers) or the ring (sliding layers). The caller advances
+    `cache.lengths`."""
+    stack = model.stack
+    c = ids.shape[1]
+    n = slots.shape[0] - c
+    ring = ring_pos.shape[1]
+    idx = torch.arange(c, device=ids.device)
+    new_pos = idx + n
+    x = stack.embed(ids)
+    rope = _rope(stack, new_pos[None], x.dtype)
+    # keys [canvas | context]: the context is all visible, the canvas causally
+    full_mask = ((slots[None, :] >= c) | (slots[None, :] <= idx[:, None]))[None, None]
+    # sliding: keys [canvas | ring]; a key is visible when filled, not after the query, within the window
+    key_pos = torch.cat([new_pos, ring_pos[0]])
+    query_pos = new_pos[:, None]
+    ring_mask = ((key_pos[None] >= 0) & (key_pos[None] <= query_pos) & (key_pos[None] >= query_pos - ring))[None, None]
+    keep = min(c, ring)
+    ring_slots = c + new_pos[c - keep:] % ring
+    last = len(stack.layers) - 1
+    for i, layer in enumerate(stack.layers):
+        attn = layer.self_attn
+        sliding = attn.is_sliding
+        cos, sin = rope[SLIDING if sliding else "full_attention"]
+        q, k, v = _qkv(fw.layers[i], _norm(layer.input_layernorm, x), cos, sin)
+        kc, vc = keys[i], values[i]
+        kc[:, :, :c] = k
+        vc[:, :, :c] = v
+        if i < last:
+            o_mkl = fw.layers[i].mkl.get("o")
+            if sliding:
+                out = _attend(attn, q, kc, vc, ring_mask, o_mkl)
+            else:
+                out = _attend(attn, q, kc[:, :, :c + n], vc[:, :, :c + n], full_mask, o_mkl)
+        if sliding:
+            kc[:, :, ring_slots] = k[:, :, c - keep:]
+            vc[:, :, ring_slots] = v[:, :, c - keep:]
+        else:
+            kc[:, :, c + n:2 * c + n] = k
+            vc[:, :, c + n:2 * c + n] = v
+        if i < last:  # the last layer's attention output and FFN feed nothing the cache needs
+            x = _feed_forward(layer, fw.layers[i], x, out)
+    ring_pos[0, ring_slots - c] = new_pos[c - keep:]
+
+
 @torch.no_grad()
 def denoise_rows(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor,
                  soft_embeds: torch.Tensor, fw: FastWeights | None = None) -> torch.Tensor:
