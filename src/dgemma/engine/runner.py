@@ -383,6 +383,13 @@ def _rope(stack, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple
     return out
 
 
+def _layer_qkv(fw: FastWeights, i: int, layer, x: torch.Tensor, rope: dict) -> tuple:
+    """Layer i's attention module and its q, k, v for x (input norm, `_qkv` with the layer type's RoPE)."""
+    attn = layer.self_attn
+    cos, sin = rope[SLIDING if attn.is_sliding else "full_attention"]
+    return (attn, *_qkv(fw.layers[i], _norm(layer.input_layernorm, x), cos, sin))
+
+
 def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             mkl: torch.Tensor | None = None):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
@@ -409,10 +416,8 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
     ring_slots = c + new_pos[-ring:] % ring if ring > 0 else None
     last = len(stack.layers) - 1
     for i, layer in enumerate(stack.layers):
-        attn = layer.self_attn
+        attn, q, k, v = _layer_qkv(fw, i, layer, x, rope)
         sliding = attn.is_sliding
-        cos, sin = rope[SLIDING if sliding else "full_attention"]
-        q, k, v = _qkv(fw.layers[i], _norm(layer.input_layernorm, x), cos, sin)
         kc, vc = cache.keys[i][row:row + 1], cache.values[i][row:row + 1]
         if sliding:
             ctx_k, ctx_v, ctx_pos = kc[:, :, c:], vc[:, :, c:], ring_pos
@@ -467,10 +472,8 @@ def encode_canvas(model: DiffusionGemma, fw: FastWeights, keys: list[torch.Tenso
     ring_slots = c + new_pos[c - keep:] % ring
     last = len(stack.layers) - 1
     for i, layer in enumerate(stack.layers):
-        attn = layer.self_attn
+        attn, q, k, v = _layer_qkv(fw, i, layer, x, rope)
         sliding = attn.is_sliding
-        cos, sin = rope[SLIDING if sliding else "full_attention"]
-        q, k, v = _qkv(fw.layers[i], _norm(layer.input_layernorm, x), cos, sin)
         kc, vc = keys[i], values[i]
         kc[:, :, :c] = k
         vc[:, :, :c] = v
@@ -553,10 +556,8 @@ def _denoise(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canva
     x = _norm(sc.post_norm, stack.embed(canvas) + signal)
     rope = _rope(stack, positions, x.dtype)
     for i, layer in enumerate(stack.layers):
-        attn = layer.self_attn
+        attn, q, k, v = _layer_qkv(fw, i, layer, x, rope)
         sliding = attn.is_sliding
-        cos, sin = rope[SLIDING if sliding else "full_attention"]
-        q, k, v = _qkv(fw.layers[i], _norm(layer.input_layernorm, x), cos, sin)
         kc, vc = cache.keys[i], cache.values[i]
         kc[:b, :, :c] = k
         vc[:b, :, :c] = v
