@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.add_argument("--compile", action="store_true",
-                    help="torch.compile the whole denoising step (about a minute to start)")
+                    help="torch.compile the engine step and commit pass (1-1.5 minutes to start, seconds once cached)")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", default=None)
     sv.set_defaults(func=cmd_serve)
@@ -283,7 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_dir, model, tokenizer, gen = _load_for_serving(args)
     name = args.served_model_name or model_dir.resolve().name
     if args.compile:
-        print("compiling the engine step (about a minute on first use)...", file=sys.stderr)
+        print("compiling the engine step (1-1.5 minutes on first use)...", file=sys.stderr)
     app = create_app(model, tokenizer, gen,
                      ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                   max_body_bytes=args.max_body_bytes),

@@ -53,9 +53,9 @@ class EngineConfig:
     max_batch: int = 8
     max_context: int = 4096
     sampler_chunk: int = 1024  # positions per fused-sampler chunk (memory: chunk x V fp32)
-    # torch.compile the whole step (forward, sampler, state update): about a minute of compiling on the
-    # first step (less with a warm inductor cache); one graph for batch 1 and one for larger batches,
-    # each serving every context length
+    # torch.compile the whole step (forward, sampler, state update) and the commit pass: 1-1.5 minutes of
+    # compiling on first use on CPU (seconds with a warm inductor cache; `Engine.warm_up` does it up front);
+    # one step graph for batch 1 and one for larger batches, each serving every context length
     compile: bool = False
     cuda_graphs: bool = False  # replay the denoising forward as a CUDA graph per batch bucket (CUDA only)
     # host syncs: rows that stop are frozen on the device and committed at the next sync, every
