@@ -33,7 +33,7 @@ class BenchConfig:
     seed: int = 0
     baseline: str | None = None  # None | "transformers" | "ar"
     compile: bool = False  # torch.compile the engine's whole denoising step
-    cuda_graphs: bool = False  # replay the denoising forward as CUDA graphs
+    cuda_graphs: bool = False  # replay the whole engine step as CUDA graphs
 
 
 def _sync(device: torch.device) -> None:

@@ -30,11 +30,11 @@ from dgemma.config import GenerationConfig
 from dgemma.engine import rng
 from dgemma.engine.kv_cache import StaticKVCache
 from dgemma.engine.runner import (
-    DenoiseGraphs,
     FastWeights,
     allow_mkl_in_graphs,
     denoise_masked,
     denoise_rows,
+    denoise_rows_static,
     encode_canvas,
     encode_row,
     fast_weights,
@@ -57,7 +57,9 @@ class EngineConfig:
     # compiling on first use on CPU (seconds with a warm inductor cache; `Engine.warm_up` does it up front);
     # one step graph for batch 1 and one for larger batches, each serving every context length
     compile: bool = False
-    cuda_graphs: bool = False  # replay the denoising forward as a CUDA graph per batch bucket (CUDA only)
+    # replay the whole step (forward over every context slot, sampler, state update) as a CUDA graph per
+    # batch bucket (CUDA only; `compile` takes precedence)
+    cuda_graphs: bool = False
     # host syncs: rows that stop are frozen on the device and committed at the next sync, every
     # `sync_every` steps (and at a canvas's last step); 0 = auto: 1 on CPU (a sync is free), 4 on GPUs
     sync_every: int = 0
@@ -137,7 +139,7 @@ class Engine:
         if self.config.cuda_graphs:
             if dev.type != "cuda":
                 raise ValueError("cuda_graphs needs a CUDA device")
-            self._graphs = DenoiseGraphs(model, self.cache)
+            self._graphs = StepGraphs(self)
 
     # -- public ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -185,12 +187,10 @@ class Engine:
             lengths_t, slots = self._context_inputs(b)
             self._compiled(self.model, fw, self.cache, st, lengths_t, slots, self.embed_scale,
                            self.config.sampler_chunk)  # writes the new state into `st`
+        elif self._graphs is not None:
+            self._graphs(b)  # writes the new state of rows 0..b-1 (and of the bucket's padding rows)
         else:
-            if self._graphs is not None:
-                lengths = torch.tensor(self.cache.lengths[:b], device=self.device)
-                hidden = self._graphs(st["canvas"], st["soft"], lengths)
-            else:
-                hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"], fw=fw)
+            hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"], fw=fw)
             new = advance(self.model, fw.head, hidden, st, self.embed_scale, self.config.sampler_chunk, fw.mkl)
             for k, v in new.items():
                 st[k].copy_(v)
@@ -274,6 +274,8 @@ class Engine:
             fw = fast_weights(self.model)
             if fw is not self._fw and self._compiled is not None:
                 self._compiled, self._compiled_commit = self._compile(_step_in_place), self._compile(encode_canvas)
+            if fw is not self._fw and self._graphs is not None:
+                self._graphs = StepGraphs(self, self._graphs.capture)  # captured with the old weights
             self._fw = fw
         while self.waiting and len(self.rows) < self.config.max_batch:
             request = self.waiting.popleft()
@@ -429,3 +431,72 @@ def _step_in_place(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache,
     that produce the values instead of running as separate calls after the graph)."""
     for k, v in _denoise_and_advance(model, fw, cache, st, lengths, slots, embed_scale, chunk).items():
         st[k].copy_(v)
+
+
+def _static_step(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, st: dict[str, torch.Tensor],
+                 lengths: torch.Tensor, embed_scale: float, chunk: int) -> None:
+    """One whole step whose shapes depend only on the row count (the forward attends to every context slot,
+    masked): the body `StepGraphs` captures. Writes the new state into `st`."""
+    hidden = denoise_rows_static(model, cache, st["canvas"], st["soft"], lengths, fw)
+    for k, v in advance(model, fw.head, hidden, st, embed_scale, chunk, fw.mkl).items():
+        st[k].copy_(v)
+
+
+class StepGraphs:
+    """The whole engine step as CUDA graphs, one per batch bucket (1, 2, 4, ... max_batch), captured on first
+    use and replayed for every context length: `_static_step` over the first `bucket` rows of the engine's
+    state and cache, which never move. Rows past the active ones (a bucket's padding) get context 0; their
+    state is meaningless and is reset when a request takes the row. Each replay queues the step without a
+    host sync. `capture=False` runs the same body eagerly instead: its twin, usable on any device."""
+
+    def __init__(self, engine: Engine, capture: bool = True) -> None:
+        self.engine, self.capture = engine, capture
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lengths = torch.zeros(engine.config.max_batch, dtype=torch.long, device=engine.device)
+        self._lengths_key: tuple[int, ...] | None = None
+        self._pool = None
+
+    def bucket(self, b: int) -> int:
+        size = 1
+        while size < b:
+            size *= 2
+        return min(size, self.engine.config.max_batch)
+
+    def __call__(self, b: int) -> None:
+        e = self.engine
+        key = tuple(e.cache.lengths[:b])
+        if key != self._lengths_key:  # context lengths change only on commits and admissions
+            self.lengths.zero_()
+            self.lengths[:b] = torch.tensor(key, device=e.device)
+            self._lengths_key = key
+        size = self.bucket(b)
+        if not self.capture:
+            self._run(size)
+        else:
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size)
+            self.graphs[size].replay()
+
+    def _run(self, size: int) -> None:
+        e = self.engine
+        st = {k: v[:size] for k, v in e.state.items()}
+        _static_step(e.model, e._fw, e.cache, st, self.lengths[:size], e.embed_scale, e.config.sampler_chunk)
+
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        state = self.engine.state
+        saved = {k: v[:size].clone() for k, v in state.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels and the allocator outside the graph
+            for _ in range(2):
+                self._run(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        for k, v in saved.items():  # the warm-up steps advanced the state: undo them
+            state[k][:size].copy_(v)
+        graph = torch.cuda.CUDAGraph()
+        # one memory pool for every bucket: a step leaves nothing alive in it (its results are copied into
+        # the state) and replays never overlap, so the buckets can share their scratch memory
+        with torch.cuda.graph(graph, pool=self._pool):  # recorded, not run
+            self._run(size)
+        self._pool = self._pool or graph.pool()
+        return graph

@@ -527,11 +527,12 @@ def denoise_masked(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache,
 
 @torch.no_grad()
 def denoise_rows_static(model: DiffusionGemma, cache: StaticKVCache, canvas: torch.Tensor,
-                        soft_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                        soft_embeds: torch.Tensor, lengths: torch.Tensor, fw: FastWeights | None = None
+                        ) -> torch.Tensor:
     """`denoise_masked` over every context slot, so shapes depend only on the batch size: it can be
     captured in a CUDA graph and replayed for any context length."""
     slots = torch.arange(canvas.shape[1] + cache.max_context, device=canvas.device)
-    return denoise_masked(model, fast_weights(model), cache, canvas, soft_embeds, lengths, slots)
+    return denoise_masked(model, fw or fast_weights(model), cache, canvas, soft_embeds, lengths, slots)
 
 
 def _context_mask(slots: torch.Tensor, lengths: torch.Tensor, c: int) -> torch.Tensor:
@@ -568,49 +569,3 @@ def _denoise(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, canva
             out = _attend(attn, q, kc[:b, :, :full_len], vc[:b, :, :full_len], full_mask, o_mkl)
         x = _feed_forward(layer, fw.layers[i], x, out)
     return _norm(stack.norm, x)
-
-
-class DenoiseGraphs:
-    """CUDA graphs of `denoise_rows_static`, one per batch bucket (1, 2, 4, ... max_batch), captured on
-    first use. A step copies its inputs into the bucket's static buffers (padding rows get context 0),
-    replays the graph and returns a view of the static output. The eager twin is `denoise_rows_static`."""
-
-    def __init__(self, model: DiffusionGemma, cache: StaticKVCache) -> None:
-        self.model, self.cache = model, cache
-        self.graphs: dict[int, tuple] = {}
-
-    def bucket(self, b: int) -> int:
-        size = 1
-        while size < b:
-            size *= 2
-        return min(size, self.cache.max_batch)
-
-    def __call__(self, canvas: torch.Tensor, soft_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        b = canvas.shape[0]
-        size = self.bucket(b)
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size, canvas, soft_embeds)
-        graph, static_canvas, static_soft, static_lengths, static_out = self.graphs[size]
-        static_canvas[:b].copy_(canvas)
-        static_soft[:b].copy_(soft_embeds)
-        static_lengths[:b].copy_(lengths)
-        if size > b:
-            static_lengths[b:].zero_()
-        graph.replay()
-        return static_out[:b]
-
-    def _capture(self, size: int, canvas: torch.Tensor, soft_embeds: torch.Tensor):
-        c, h = canvas.shape[1], soft_embeds.shape[2]
-        static_canvas = torch.zeros(size, c, dtype=canvas.dtype, device=canvas.device)
-        static_soft = torch.zeros(size, c, h, dtype=soft_embeds.dtype, device=canvas.device)
-        static_lengths = torch.zeros(size, dtype=torch.long, device=canvas.device)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up kernels and the allocator outside the graph
-            for _ in range(2):
-                denoise_rows_static(self.model, self.cache, static_canvas, static_soft, static_lengths)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = denoise_rows_static(self.model, self.cache, static_canvas, static_soft, static_lengths)
-        return graph, static_canvas, static_soft, static_lengths, static_out
