@@ -57,7 +57,7 @@ class _LayerWeights:
         # with MKL copies (fp32), the FFN's three input products (dense gate/up, every expert's gate/up,
         # router) become one GEMM: they read the same normalised residual, so their norm weights (and the
         # router's scale) are folded into one stacked copy of the three matrices (`ffn_in`)
-        self.ffn_in = _fold_ffn_inputs(layer, self.gate_up, self.expert_gate_up) if mkl else None
+        self.ffn_in = _fold_ffn_inputs(layer, self.gate_up, self.expert_gate_up, transposed) if mkl else None
         self.ffn_eps = layer.pre_feedforward_layernorm.eps
         if mkl:
             matrices = {"qkv": self.qkv, "o": attn.o_proj.weight, "gate_up": self.gate_up,
@@ -93,7 +93,8 @@ def _ffn_folded_vectors(layer) -> tuple[torch.Tensor, ...]:
     return layer.pre_feedforward_layernorm.weight, layer.pre_feedforward_layernorm_2.weight, layer.router.scale
 
 
-def _fold_ffn_inputs(layer, gate_up: torch.Tensor, expert_gate_up: torch.Tensor | None) -> torch.Tensor | None:
+def _fold_ffn_inputs(layer, gate_up: torch.Tensor, expert_gate_up: torch.Tensor | None, transposed: bool
+                     ) -> torch.Tensor | None:
     """(2I + E x 2I_e + E, H): [gate_up * w1; expert_gate_up * w2; router * scale / sqrt(H)], w1 and w2 the
     weights of `pre_feedforward_layernorm(_2)`, so that one GEMM of the scale-free RMSNorm of the residual
     gives all three products. None where the three norms differ in eps or the experts are not dense."""
@@ -103,7 +104,9 @@ def _fold_ffn_inputs(layer, gate_up: torch.Tensor, expert_gate_up: torch.Tensor 
     with torch.no_grad():
         w1, w2 = pre1.weight.float(), pre2.weight.float()
         rows = [gate_up * w1, expert_gate_up * w2, router.proj.weight * (router.scale.float() * router.root_size)]
-        return torch.cat(rows).contiguous()
+        stacked = torch.cat(rows)
+        # input-major like the other CPU matrices: MKL reads it for row counts other than the packed 32
+        return stacked.T.contiguous().T if transposed else stacked.contiguous()
 
 
 def _mkl_wanted(model: DiffusionGemma) -> bool:
