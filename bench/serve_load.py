@@ -54,10 +54,11 @@ async def client_run(client, i, n, max_tokens):
 
 
 async def level(url, concurrency, n, max_tokens):
-    client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=600)
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(client_run(client, i, n, max_tokens) for i in range(concurrency)))
-    wall = time.perf_counter() - t0
+    # closed inside the event loop (left to garbage collection it would close after the loop, with a traceback)
+    async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=600) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(client_run(client, i, n, max_tokens) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
     flat = [r for rs in results for r in rs]
     lat = sorted(r[0] for r in flat)
     return {"concurrency": concurrency, "requests": len(flat), "wall_s": wall,
