@@ -133,8 +133,9 @@ class Engine:
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._context_key: tuple[int, ...] | None = None  # `_context_inputs` cache
         self._context: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._compiled = self._compile(_step_in_place) if self.config.compile else None
-        self._compiled_commit = self._compile(encode_canvas) if self.config.compile else None
+        self._compiled = self._compiled_commit = None  # the compiled step and commit pass (`compile`)
+        if self.config.compile:
+            self._compile_both()
         self._graphs = None
         if self.config.cuda_graphs:
             if dev.type != "cuda":
@@ -191,9 +192,7 @@ class Engine:
             self._graphs(b)  # writes the new state of rows 0..b-1 (and of the bucket's padding rows)
         else:
             hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"], fw=fw)
-            new = advance(self.model, fw.head, hidden, st, self.embed_scale, self.config.sampler_chunk, fw.mkl)
-            for k, v in new.items():
-                st[k].copy_(v)
+            _advance_in_place(self.model, fw, hidden, st, self.embed_scale, self.config.sampler_chunk)
         self.nfe += 1
         self._since_sync += 1
         for r in self.rows:
@@ -269,14 +268,18 @@ class Engine:
         options["size_asserts"] = False
         return torch.compile(types.FunctionType(code, fn.__globals__), options=options)
 
+    def _compile_both(self) -> None:
+        self._compiled, self._compiled_commit = self._compile(_step_in_place), self._compile(encode_canvas)
+
     def _admit(self) -> None:
         if self.waiting:  # re-packs if the model's parameters were replaced (e.g. `model.to(...)`)
             fw = fast_weights(self.model)
-            if fw is not self._fw and self._compiled is not None:
-                self._compiled, self._compiled_commit = self._compile(_step_in_place), self._compile(encode_canvas)
-            if fw is not self._fw and self._graphs is not None:
-                self._graphs = StepGraphs(self, self._graphs.capture)  # captured with the old weights
-            self._fw = fw
+            if fw is not self._fw:  # graphs built for the old weights are rebuilt
+                self._fw = fw
+                if self._compiled is not None:
+                    self._compile_both()
+                if self._graphs is not None:
+                    self._graphs = StepGraphs(self, self._graphs.capture)
         while self.waiting and len(self.rows) < self.config.max_batch:
             request = self.waiting.popleft()
             if request.cancelled:
@@ -340,8 +343,7 @@ class Engine:
             encode_row(self.model, self.cache, row, ids, fw=self._fw)
             return
         n, c = self.cache.lengths[row], self.canvas_length
-        if n + c > self.cache.max_context:
-            raise ValueError(f"context of {n + c} tokens exceeds the engine's max_context {self.cache.max_context}")
+        self.cache.check_room(row, c)
         slots = torch.arange(c + n, device=self.device)
         torch._dynamo.maybe_mark_dynamic(slots, 0)
         cache = self.cache
@@ -416,6 +418,13 @@ def advance(model: DiffusionGemma, head: torch.Tensor, hidden: torch.Tensor, st:
     }
 
 
+def _advance_in_place(model: DiffusionGemma, fw: FastWeights, hidden: torch.Tensor, st: dict[str, torch.Tensor],
+                      embed_scale: float, chunk: int) -> None:
+    """`advance`, its new state written into `st` (the eager step and the CUDA graphs' body)."""
+    for k, v in advance(model, fw.head, hidden, st, embed_scale, chunk, fw.mkl).items():
+        st[k].copy_(v)
+
+
 def _denoise_and_advance(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, st: dict[str, torch.Tensor],
                          lengths: torch.Tensor, slots: torch.Tensor, embed_scale: float, chunk: int
                          ) -> dict[str, torch.Tensor]:
@@ -438,8 +447,7 @@ def _static_step(model: DiffusionGemma, fw: FastWeights, cache: StaticKVCache, s
     """One whole step whose shapes depend only on the row count (the forward attends to every context slot,
     masked): the body `StepGraphs` captures. Writes the new state into `st`."""
     hidden = denoise_rows_static(model, cache, st["canvas"], st["soft"], lengths, fw)
-    for k, v in advance(model, fw.head, hidden, st, embed_scale, chunk, fw.mkl).items():
-        st[k].copy_(v)
+    _advance_in_place(model, fw, hidden, st, embed_scale, chunk)
 
 
 class StepGraphs:

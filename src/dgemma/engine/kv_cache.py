@@ -45,6 +45,12 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def check_room(self, row: int, new_tokens: int) -> None:
+        """Raise ValueError unless row `row`'s context slots can take `new_tokens` more."""
+        n = self.lengths[row] + new_tokens
+        if n > self.max_context:
+            raise ValueError(f"context of {n} tokens exceeds the engine's max_context {self.max_context}")
+
     def reset_row(self, row: int) -> None:
         self.lengths[row] = 0
         self.ring_pos[row] = -1

@@ -338,27 +338,23 @@ def _feed_forward(layer, lw: _LayerWeights, x: torch.Tensor, attn_out: torch.Ten
     """`DecoderLayer.finish` with fused norms, packed gate/up and the batched experts."""
     r = x + _norm(layer.post_attention_layernorm, attn_out)
     mlp = layer.mlp
+    flat = r.reshape(-1, r.shape[-1])
     if lw.ffn_in is not None:  # the three input products in one GEMM (see `_fold_ffn_inputs`)
-        flat = r.reshape(-1, r.shape[-1])
         i, n_experts = lw.intermediate, lw.expert_gate_up.shape[0]
         y = linear(F.rms_norm(flat, (flat.shape[-1],), None, lw.ffn_eps), lw.ffn_in, lw.mkl["ffn_in"])
         dense = linear(gelu_tanh(y[:, :i]) * y[:, i:2 * i], mlp.down_proj.weight, lw.mkl["down"])
         weights, ids = _route_scores(layer.router, y[:, 2 * i + n_experts:])
         routed = _dense_experts(layer.experts, y[:, 2 * i:2 * i + n_experts], ids, weights, lw.expert_down,
                                 lw.mkl["expert_down"])
-        routed = _norm(layer.post_feedforward_layernorm_2, routed)
-        dense = _norm(layer.post_feedforward_layernorm_1, dense)
-        return (r + _norm(layer.post_feedforward_layernorm, dense + routed).view(r.shape)) * layer.layer_scalar
-    dense = _norm(layer.post_feedforward_layernorm_1,
-                  _gated(_norm(layer.pre_feedforward_layernorm, r), lw.gate_up, mlp.down_proj, lw.intermediate,
-                         (lw.mkl.get("gate_up"), lw.mkl.get("down"))))
-    flat = r.reshape(-1, r.shape[-1])
-    weights, ids = _route(layer.router, flat)
-    packed = (lw.expert_gate_up, lw.expert_down) if lw.expert_down is not None else None
-    routed = _experts(layer.experts, _norm(layer.pre_feedforward_layernorm_2, flat), ids, weights, packed,
-                      (lw.mkl.get("expert_gate_up"), lw.mkl.get("expert_down")))
-    routed = _norm(layer.post_feedforward_layernorm_2, routed.reshape(r.shape))
-    return (r + _norm(layer.post_feedforward_layernorm, dense + routed)) * layer.layer_scalar
+    else:
+        dense = _gated(_norm(layer.pre_feedforward_layernorm, flat), lw.gate_up, mlp.down_proj, lw.intermediate,
+                       (lw.mkl.get("gate_up"), lw.mkl.get("down")))
+        weights, ids = _route(layer.router, flat)
+        packed = (lw.expert_gate_up, lw.expert_down) if lw.expert_down is not None else None
+        routed = _experts(layer.experts, _norm(layer.pre_feedforward_layernorm_2, flat), ids, weights, packed,
+                          (lw.mkl.get("expert_gate_up"), lw.mkl.get("expert_down")))
+    both = _norm(layer.post_feedforward_layernorm_1, dense) + _norm(layer.post_feedforward_layernorm_2, routed)
+    return (r + _norm(layer.post_feedforward_layernorm, both).view(r.shape)) * layer.layer_scalar
 
 
 def _qkv(lw: _LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
@@ -408,8 +404,7 @@ def encode_row(model: DiffusionGemma, cache: StaticKVCache, row: int, ids: torch
     model's `fast_weights` when the caller holds them (saves the cache check)."""
     stack, fw = model.stack, fw or fast_weights(model)
     n, s = cache.lengths[row], ids.shape[1]
-    if n + s > cache.max_context:
-        raise ValueError(f"context of {n + s} tokens exceeds the engine's max_context {cache.max_context}")
+    cache.check_room(row, s)
     c, ring = cache.canvas, cache.ring
     device = ids.device
     new_pos = torch.arange(n, n + s, device=device)
