@@ -396,21 +396,37 @@ def test_rng_hash_matches_plain_integer_arithmetic():
     assert torch.equal(both[0], rng.uniform(*args, 1)) and torch.equal(both[1], rng.randint(*args, 2, 1000))
 
 
-def test_runner_bf16_stays_within_bf16_tolerance_of_reference():
-    """bf16 weights: the fast forward (packed GEMMs, dense experts) against the reference loop."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_runner_bf16_error_is_the_reference_own_bf16_error(seed):
+    """bf16 weights: the fast forward (packed GEMMs, dense experts) loses no more against the fp32 computation
+    of the same (bf16-rounded) weights than the reference loop itself loses in bf16. Portable: GEMM rounding
+    differs between instruction sets (AVX2, AVX-512, AMX), but it moves both errors alike.
+
+    k = 1.5 on the RMS error (2 on the max): both paths round weights and activations to bf16 at comparable
+    places and differ in accumulation order and fusion; a real fault (a norm, scale or weight layout wrong) is
+    an error of the order of the logits themselves, tens of times the bf16 error."""
     cfg = preset_config("tiny", canvas_length=16)
-    model = random_model(cfg, seed=1, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    cache, ref_cache = StaticKVCache(cfg, 1, 256, "cpu", torch.bfloat16), model.new_cache()
+    model = random_model(cfg, seed=seed, dtype=torch.bfloat16)
+    exact = random_model(cfg, seed=seed, dtype=torch.float32)
+    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=g)
-    model.encode(prompt, ref_cache)
-    encode_row(model, cache, 0, prompt)
     canvas = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
-    sc = torch.randn(1, 16, cfg.vocab_size, generator=g).bfloat16()
-    ref = model.denoise(canvas, ref_cache, sc)
-    out = model.logits(denoise_rows(model, cache, canvas, model.soft_embed(sc)))
-    assert (out - ref).abs().max() < 0.1  # logits span about +-3; one bf16 rounding of 2 is 0.008
-    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    sc = torch.randn(1, 16, cfg.vocab_size, generator=g)
+    refs = {}
+    for name, m in (("fp32", exact), ("bf16", model)):
+        ref_cache = m.new_cache()
+        m.encode(prompt, ref_cache)
+        refs[name] = m.denoise(canvas, ref_cache, sc.to(m.dtype))
+    cache = StaticKVCache(cfg, 1, 256, "cpu", torch.bfloat16)
+    encode_row(model, cache, 0, prompt)
+    fast = model.logits(denoise_rows(model, cache, canvas, model.soft_embed(sc.bfloat16())))
+    ref_err, fast_err = refs["bf16"] - refs["fp32"], fast - refs["fp32"]
+    assert fast_err.pow(2).mean().sqrt() <= 1.5 * ref_err.pow(2).mean().sqrt()
+    assert fast_err.abs().max() <= 2 * ref_err.abs().max()
+    top = refs["fp32"].argmax(-1)
+    agree_ref, agree_fast = (refs["bf16"].argmax(-1) == top).sum(), (fast.argmax(-1) == top).sum()
+    assert agree_fast >= agree_ref - 2  # of 16 positions
 
 
 @pytest.mark.parametrize("compile_forms", [False, True])
@@ -510,3 +526,94 @@ def test_mkl_packed_linear_matches_plain_linear():
     for shape in [(1, 40), (7, 40), (32, 40), (65, 40), (2, 32, 40)]:
         x = torch.randn(*shape, generator=g)
         torch.testing.assert_close(linear(x, w, packed), torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def _poison(monkeypatch, seed):
+    """A fault injected into the step of any batch that holds the request with this seed."""
+    original = Engine._step_rows
+
+    def step_rows(self, rows, cache, st):
+        if any(r.request.seed == seed for r in rows):
+            raise RuntimeError("injected fault")
+        return original(self, rows, cache, st)
+
+    monkeypatch.setattr(Engine, "_step_rows", step_rows)
+
+
+def test_a_failing_row_fails_alone_and_the_others_are_unchanged(monkeypatch):
+    model = _model(seed=21)
+    gen = GenerationConfig(max_new_tokens=40, max_denoising_steps=4, eos_token_ids=())
+    prompts, seeds = [[2, 5, 6], list(range(3, 30)), [2, 9], [4, 4, 4]], [11, 666, 13, 14]
+    alone = {s: Engine(model, EngineConfig(max_batch=1, max_context=256)).generate([p], gen, [s])[0].output
+             for p, s in zip(prompts, seeds, strict=True) if s != 666}
+    _poison(monkeypatch, 666)
+    told = []
+    engine = Engine(model, EngineConfig(max_batch=3, max_context=256))
+    reqs = [engine.submit(Request(prompt=p, gen=gen, seed=s, on_tokens=lambda r, t: told.append((r.seed, r.done))))
+            for p, s in zip(prompts, seeds, strict=True)]
+    while engine.has_work():
+        engine.step()
+    for r in reqs:
+        if r.seed == 666:
+            assert r.finish_reason == "error" and "injected fault" in r.error and r.output == []
+            assert (666, True) in told
+        else:
+            assert r.finish_reason == "length" and r.output == alone[r.seed]
+    assert engine.rows == [] and not engine.waiting
+
+
+def test_callback_and_prefill_failures_fail_their_request_only(monkeypatch):
+    import dgemma.engine.engine as engine_module
+
+    model = _model(seed=22)
+    gen = GenerationConfig(max_new_tokens=40, max_denoising_steps=3, eos_token_ids=())
+    ref = Engine(model, EngineConfig(max_batch=1, max_context=256)).generate([[2, 3]], gen, [5])[0].output
+
+    def bad_callback(req, tokens):
+        raise ValueError("client went away")
+
+    original = engine_module.encode_row
+
+    def encode_row(model, cache, row, ids, fw=None):
+        if ids.shape[1] == 7:
+            raise RuntimeError("prefill fault")
+        return original(model, cache, row, ids, fw=fw)
+
+    monkeypatch.setattr(engine_module, "encode_row", encode_row)
+    engine = Engine(model, EngineConfig(max_batch=3, max_context=256))
+    good = engine.submit(Request(prompt=[2, 3], gen=gen, seed=5))
+    cb = engine.submit(Request(prompt=[2, 4], gen=gen, seed=6, on_tokens=bad_callback))
+    pre = engine.submit(Request(prompt=[2] * 7, gen=gen, seed=7))
+    while engine.has_work():
+        engine.step()
+    assert good.output == ref and good.finish_reason == "length"
+    assert cb.finish_reason == "error" and "client went away" in cb.error
+    assert pre.finish_reason == "error" and "prefill fault" in pre.error
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(seed=2**63), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(seed=True), "seed"),
+    (dict(prompt=[]), "empty"), (dict(prompt=[1, 10**6]), "must lie in"), (dict(prompt=[1.5]), "integers"),
+    (dict(prompt=list(range(3, 300))), "context slots"),
+    (dict(gen=GenerationConfig(max_new_tokens=10**6, eos_token_ids=())), "positions"),
+])
+def test_bad_requests_are_refused_at_submit(change, message):
+    from dgemma.config import ConfigError
+
+    model = _model(seed=23)
+    engine = Engine(model, EngineConfig(max_batch=2, max_context=256))
+    kw = dict(prompt=[2, 3], gen=GenerationConfig(max_new_tokens=8, eos_token_ids=()), seed=1) | change
+    with pytest.raises(ConfigError, match=message):
+        engine.submit(Request(**kw))
+    assert not engine.waiting
+
+
+def test_generation_settings_out_of_range_are_refused():
+    from dgemma.config import ConfigError
+
+    gen = GenerationConfig()
+    for bad in (dict(entropy_bound=1e39), dict(entropy_bound=float("inf")), dict(confidence_threshold=1e308),
+                dict(t_min=1e-40, t_max=2e-40), dict(t_max=1e39), dict(max_denoising_steps=0),
+                dict(max_new_tokens=True), dict(stability_threshold=-1)):
+        with pytest.raises(ConfigError):
+            gen.replace(**bad)

@@ -59,18 +59,27 @@ def test_logits_match_transformers_fp32(hf_checkpoint, name, prompt_len, n_canva
 
 @pytest.mark.parametrize("name,prompt_len,n_canvases", [("base", 40, 1), ("deep", 9, 2)])
 def test_logits_match_transformers_bf16(hf_checkpoint, name, prompt_len, n_canvases):
+    """bf16: our error against the fp32 computation of the same (bf16-rounded) weights is no larger than
+    transformers' own bf16 error (k = 1.5 on the RMS, 2 on the max: the two round at the same places and may
+    differ in accumulation order). Portable across instruction sets; on this project's CPUs the two are in
+    fact bit-identical."""
+    import copy
+
     from transformers import DiffusionGemmaForBlockDiffusion
 
     _, path = hf_checkpoint(name)
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16).eval()
     ours, _ = load_model(path, dtype="bfloat16")
     assert ours.dtype == torch.bfloat16
-    gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, ours.config.vocab_size, (1, prompt_len), generator=gen)
-    for ref, out in _run_both(hf, ours, prompt, n_canvases, gen):
+    hf32, ours32 = copy.deepcopy(hf).float(), copy.deepcopy(ours).float()
+    prompt = torch.randint(3, ours.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    pairs = _run_both(hf, ours, prompt, n_canvases, torch.Generator().manual_seed(2))
+    anchors = _run_both(hf32, ours32, prompt, n_canvases, torch.Generator().manual_seed(2))
+    for (ref, out), (anchor, _) in zip(pairs, anchors, strict=True):
         assert out.dtype == ref.dtype
-        # bf16 rounds at 2^-8 relative; on CPU the two are in fact bit-identical today
-        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        ref_err, our_err = ref.float() - anchor, out.float() - anchor
+        assert our_err.pow(2).mean().sqrt() <= 1.5 * ref_err.pow(2).mean().sqrt()
+        assert our_err.abs().max() <= 2 * ref_err.abs().max()
 
 
 def test_self_conditioning_mask_zeroes_signal(hf_checkpoint):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dgemma.config import GenerationConfig, ModelConfig
+from dgemma.config import ConfigError, GenerationConfig, ModelConfig, check_request
 from dgemma.engine.engine import Engine, EngineConfig, Request
 from dgemma.model.modeling import DiffusionGemma
 
@@ -34,6 +34,13 @@ class BenchConfig:
     baseline: str | None = None  # None | "transformers" | "ar"
     compile: bool = False  # torch.compile the engine's whole denoising step
     cuda_graphs: bool = False  # replay the whole engine step as CUDA graphs
+
+    def __post_init__(self) -> None:
+        for name, low in (("prompt_tokens", 1), ("max_new_tokens", 1), ("batch", 1), ("repeats", 1), ("warmup", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.baseline not in (None, "transformers", "ar"):
+            raise ConfigError(f"unknown baseline {self.baseline!r}; use 'transformers' or 'ar'")
 
 
 def _sync(device: torch.device) -> None:
@@ -65,6 +72,7 @@ def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -
     g = torch.Generator().manual_seed(cfg.seed)
     prompts = [torch.randint(3, model.config.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
                for _ in range(cfg.batch)]
+    check_request(model.config, gen, prompts[0])
     context = cfg.prompt_tokens + cfg.max_new_tokens + model.config.canvas_length
     engine = Engine(model, EngineConfig(max_batch=cfg.batch, max_context=context, compile=cfg.compile,
                                         cuda_graphs=cfg.cuda_graphs))
@@ -198,7 +206,7 @@ def benchmark(model: DiffusionGemma, model_dir: Path | None, gen: GenerationConf
     elif cfg.baseline is None:
         return result
     else:
-        raise ValueError(f"unknown baseline {cfg.baseline!r}; use 'transformers' or 'ar'")
+        raise ConfigError(f"unknown baseline {cfg.baseline!r}; use 'transformers' or 'ar'")
     result["baseline"] = cfg.baseline
     result["baseline_tokens_per_s"] = base["tokens_per_s"]
     result["baseline_seconds"] = base["seconds"]
@@ -213,9 +221,17 @@ def random_model_from_config(path: str, device: str, dtype: str | None, seed: in
 
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--random-config {path}: {exc}") from None
-    config = ModelConfig.from_hf_dict(data) if "text_config" in data else ModelConfig(**data)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"--random-config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--random-config {path}: must hold a JSON object")
+    if "text_config" in data:
+        config = ModelConfig.from_hf_dict(data)
+    else:
+        try:
+            config = ModelConfig(**data)
+        except TypeError as exc:
+            raise ConfigError(f"--random-config {path}: {exc}") from None
     if dtype:
         config.dtype = dtype
     return random_model(config, seed=seed, device=device)

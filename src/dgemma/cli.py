@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from dgemma.bundled import resolve_model
-from dgemma.config import GenerationConfig, parse_dtype
+from dgemma.config import GenerationConfig, UserError, check_request, check_seed, parse_dtype
 from dgemma.engine.engine import Engine, EngineConfig
-from dgemma.model.loading import CheckpointError, load_model, read_generation_config, save_model
+from dgemma.model.loading import load_model, read_generation_config, save_model
 from dgemma.sampler.reference import generate
-from dgemma.tokenizer import Tokenizer, TokenizerError
+from dgemma.tokenizer import Tokenizer
 
 log = logging.getLogger("dgemma")
 
@@ -36,8 +36,8 @@ GENERATION_FLAGS = {
 }
 
 
-class UsageError(ValueError):
-    pass
+class UsageError(UserError):
+    """A bad flag or flag combination."""
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dgemma.train.loop import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, bool):
+            t.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f"TrainConfig.{f.name}")
+            continue
         t.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"default {f.default}")
     t.set_defaults(func=cmd_train)
@@ -139,13 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-    if not ids:
+    items = text.replace(" ", "").split(",")
+    if not text.strip():
         raise UsageError("--prompt-ids is empty")
-    return ids
+    if not all(t.isdigit() for t in items):
+        raise UsageError(f"--prompt-ids must be comma-separated integers (>= 0), got {text!r}")
+    return [int(t) for t in items]
+
+
+def check_device(name: str) -> str:
+    """A torch device this machine has: cpu, cuda[:N] with CUDA available, mps where available."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {name!r} is not a device name ({exc})") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return name
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return name
+    raise UsageError(f"--device {name}: not available on this machine (use cpu or cuda)")
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[int]:
@@ -171,14 +192,13 @@ def _generation_config(args: argparse.Namespace, base: GenerationConfig) -> Gene
 
 def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    seed = check_seed(args.seed) if args.seed is not None else secrets.randbelow(2**31)
     model_dir, model, tokenizer, gen = _load_for_serving(args)
     args.model = str(model_dir)
     gen = _generation_config(args, gen)
     ids = _prompt_ids(args, tokenizer)
-    if max(ids) >= model.config.vocab_size or min(ids) < 0:
-        raise UsageError(f"prompt token ids must lie in [0, {model.config.vocab_size})")
+    check_request(model.config, gen, ids)  # before anything is allocated for it
     load_seconds = time.perf_counter() - t0
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     torch.manual_seed(seed)  # --exact: transformers draws from the global generator: same seed, same stream
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -233,19 +253,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dgemma.benchmark import BenchConfig, benchmark, random_model_from_config
 
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    check_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if args.random_config:
         model, model_dir = random_model_from_config(args.random_config, args.device, dtype), None
         gen = GenerationConfig(eos_token_ids=(), pad_token_id=model.config.pad_token_id)
     else:
-        try:
-            model_dir = resolve_model(args.model)
-        except FileNotFoundError as exc:
-            raise UsageError(str(exc)) from None
+        model_dir = _model_dir(args.model)
         model, _ = load_model(model_dir, dtype=dtype, device=args.device)
         gen = read_generation_config(model_dir, model.config).replace(eos_token_ids=())  # measure full length
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
@@ -264,13 +282,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_serving(args: argparse.Namespace):
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+def _model_dir(name: str | None) -> Path:
+    """The bundled model, a checkpoint directory, or a training run's newest complete checkpoint."""
+    from dgemma.train.checkpoint import resolve_run_directory
+
     try:
-        model_dir = resolve_model(args.model)
+        return resolve_run_directory(resolve_model(name))
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _load_for_serving(args: argparse.Namespace):
+    check_device(args.device)
+    model_dir = _model_dir(args.model)
     model, _ = load_model(model_dir, dtype=parse_dtype(args.dtype) if args.dtype else None, device=args.device)
     return model_dir, model, Tokenizer.from_directory(model_dir), read_generation_config(model_dir, model.config)
 
@@ -280,14 +304,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from dgemma.server.api import ServerConfig, create_app
 
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    server_config = ServerConfig(model_name="pending", api_key=args.api_key, max_queue=args.max_queue,
+                                 max_body_bytes=args.max_body_bytes)
+    engine_config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, compile=args.compile)
     model_dir, model, tokenizer, gen = _load_for_serving(args)
-    name = args.served_model_name or model_dir.resolve().name
+    server_config.model_name = args.served_model_name or model_dir.resolve().name
+    name = server_config.model_name
     if args.compile:
         print("compiling the engine step (1-1.5 minutes on first use)...", file=sys.stderr)
-    app = create_app(model, tokenizer, gen,
-                     ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                  max_body_bytes=args.max_body_bytes),
-                     EngineConfig(max_batch=args.max_batch, max_context=args.max_context, compile=args.compile))
+    app = create_app(model, tokenizer, gen, server_config, engine_config)
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -310,7 +337,7 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     if args.config:
         try:
             data = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise UsageError(f"--config {args.config}: {exc}") from None
         config = ModelConfig.from_hf_dict(data)
     else:
@@ -329,9 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, TokenizerError, ValueError) as exc:
-        print(f"dgemma: error: {exc}", file=sys.stderr)
+    except UserError as exc:  # what the user gave; anything else is a bug and keeps its traceback
+        print(f"dgemma: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dgemma: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -32,6 +32,27 @@ _DEFAULT_ROPE = {
 _SUPPORTED_ROPE = ("default", "proportional")
 _SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
+# Documented limits of the generation settings (docs/reliability.md); a request outside them is refused at the
+# door (CLI, HTTP, Python API) before anything is allocated.
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed is a signed 64-bit integer (the counter-based RNG's key)
+MIN_TEMPERATURE = 1e-6  # the lowest temperature of a schedule: below it fp32 logits / T overflow to inf
+MAX_TEMPERATURE = 1e4
+MAX_ENTROPY_BOUND = 1e6  # above any sum of canvas entropies (256 x ln 262,144 = 3,192 nats)
+MAX_CONFIDENCE_THRESHOLD = 1e6
+MAX_DENOISING_STEPS = 100_000
+MAX_NEW_TOKENS = 2**31 - 1  # a request is also checked against the model's positions and the engine's context
+MAX_STABILITY = 64
+
+
+class UserError(ValueError):
+    """Something a user gave (a flag, a file, a request) that cannot be used; the message says what to fix.
+    Every error meant for users derives from it, so that front ends report exactly these and let internal
+    errors surface as bugs."""
+
+
+class ConfigError(UserError):
+    """An invalid model config, generation setting or request size."""
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -99,7 +120,7 @@ class ModelConfig:
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(f"invalid DiffusionGemma config: {msg}")
+                raise ConfigError(f"invalid DiffusionGemma config: {msg}")
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "global_head_dim",
@@ -152,22 +173,24 @@ class ModelConfig:
     # -- Hugging Face JSON ---------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config.json must hold a JSON object, not {type(data).__name__}")
         model_type = data.get("model_type")
         if model_type != "diffusion_gemma":
-            raise ValueError(
+            raise ConfigError(
                 f"config.json has model_type {model_type!r}; dgemma loads DiffusionGemma checkpoints "
                 "(model_type 'diffusion_gemma')"
             )
         text = data.get("text_config")
         if not isinstance(text, dict):
-            raise ValueError("config.json has no 'text_config' object")
+            raise ConfigError("config.json has no 'text_config' object")
         if text.get("model_type", "diffusion_gemma_text") != "diffusion_gemma_text":
-            raise ValueError(f"text_config has model_type {text.get('model_type')!r}, expected 'diffusion_gemma_text'")
+            raise ConfigError(f"text_config has model_type {text.get('model_type')!r}, expected 'diffusion_gemma_text'")
         if text.get("use_bidirectional_attention") == "all":
-            raise ValueError("use_bidirectional_attention='all' (bidirectional encoder) is not supported; "
+            raise ConfigError("use_bidirectional_attention='all' (bidirectional encoder) is not supported; "
                              "the released checkpoint uses 'vision'")
         if data.get("tie_word_embeddings", True) is False or text.get("tie_word_embeddings", True) is False:
-            raise ValueError("tie_word_embeddings=false (separate encoder, decoder and head weights) is not supported")
+            raise ConfigError("tie_word_embeddings=false (separate encoder, decoder and head weights) is not supported")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {k: v for k, v in text.items() if k in known}
         for key in ("canvas_length", "image_token_id", "boi_token_id", "eoi_token_id"):
@@ -181,10 +204,13 @@ class ModelConfig:
         for idx, override in (text.get("per_layer_config") or {}).items():
             unknown = set(override) - {"head_dim", "num_key_value_heads"}
             if unknown:
-                raise ValueError(f"per_layer_config[{idx}] sets unsupported fields {sorted(unknown)}")
+                raise ConfigError(f"per_layer_config[{idx}] sets unsupported fields {sorted(unknown)}")
             overrides[int(idx)] = dict(override)
         kwargs["per_layer_overrides"] = overrides
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, AttributeError, KeyError) as exc:  # a field of the wrong JSON type
+            raise ConfigError(f"config.json has a field of the wrong type ({exc})") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         text = {
@@ -240,23 +266,35 @@ class GenerationConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Every setting within its documented range (module constants); raises ConfigError naming the first
+        one that is not."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
-        need(_is_int(self.max_new_tokens) and self.max_new_tokens > 0,
-             f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        need(_is_int(self.max_denoising_steps) and self.max_denoising_steps > 0,
-             f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
-        need(_is_num(self.entropy_bound) and self.entropy_bound > 0,
-             f"entropy_bound must be > 0, got {self.entropy_bound!r}")
-        need(_is_num(self.t_min) and self.t_min >= 0, f"t_min must be >= 0, got {self.t_min!r}")
-        need(_is_num(self.t_max) and self.t_max > self.t_min,
-             f"t_max must be greater than t_min ({self.t_min}), got {self.t_max!r}")
-        need(_is_int(self.stability_threshold) and self.stability_threshold >= 0,
-             f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
-        need(_is_num(self.confidence_threshold) and self.confidence_threshold >= 0,
-             f"confidence_threshold must be >= 0 (0 disables early stopping), got {self.confidence_threshold!r}")
+        def count(name: str, low: int, high: int) -> None:
+            value = getattr(self, name)
+            need(_is_int(value) and low <= value <= high,
+                 f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+        def number(name: str, low: float, high: float, low_open: bool = False) -> None:
+            value = getattr(self, name)
+            ok = _is_num(value) and (value > low if low_open else value >= low) and value <= high
+            need(ok, f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+
+        count("max_new_tokens", 1, MAX_NEW_TOKENS)
+        count("max_denoising_steps", 1, MAX_DENOISING_STEPS)
+        number("entropy_bound", 0.0, MAX_ENTROPY_BOUND, low_open=True)
+        number("t_min", 0.0, MAX_TEMPERATURE)
+        number("t_max", 0.0, MAX_TEMPERATURE)
+        need(self.t_max > self.t_min, f"t_max must be greater than t_min ({self.t_min}), got {self.t_max!r}")
+        lowest = self.temperature(1)
+        need(lowest >= MIN_TEMPERATURE,
+             f"the temperature schedule falls to {lowest:.3g} at its last step, below the floor {MIN_TEMPERATURE:g} "
+             "(logits divided by it overflow): raise t_min or t_max")
+        count("stability_threshold", 0, MAX_STABILITY)
+        number("confidence_threshold", 0.0, MAX_CONFIDENCE_THRESHOLD)
         need(all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
              f"eos token ids must be non-negative integers, got {self.eos_token_ids!r}")
         need(self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
@@ -271,13 +309,15 @@ class GenerationConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - known
         if unknown:
-            raise ValueError(f"unknown generation settings {sorted(unknown)}")
+            raise ConfigError(f"unknown generation settings {sorted(unknown)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], model: ModelConfig | None = None) -> GenerationConfig:
         """Unset (missing or null) fields take transformers' global defaults; EOS falls back to
         the model config when the generation config names none."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"generation_config.json must hold a JSON object, not {type(data).__name__}")
         kwargs: dict[str, Any] = {}
         for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max",
                     "stability_threshold", "confidence_threshold", "pad_token_id"):
@@ -316,7 +356,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "hal
 def _dtype_name(name: str) -> str:
     name = _DTYPE_ALIASES.get(str(name), str(name))
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
     return name
 
 
@@ -330,7 +370,44 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
         return ()
     if isinstance(value, int):
         return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"token ids must be an integer or a list of integers, got {value!r}")
     return tuple(value)
+
+
+def check_seed(seed: Any) -> int:
+    """A request seed: an integer in SEED_RANGE (the RNG key is a signed 64-bit value)."""
+    low, high = SEED_RANGE
+    if not _is_int(seed) or not low <= seed <= high:
+        raise ConfigError(f"seed must be an integer in [-2**63, 2**63 - 1], got {seed!r}")
+    return seed
+
+
+def check_request(model: ModelConfig, gen: GenerationConfig, prompt: Any, context: int = 0,
+                  max_context: int | None = None) -> None:
+    """The one prompt validator (engine, reference sampler, CLI, server): a non-empty list of token ids inside
+    the vocabulary, and room for it plus `gen.max_new_tokens` (rounded up to whole canvases, as generation
+    runs) after `context` already cached tokens: within the model's positions and, when given, within
+    `max_context` cache slots (the last canvas is never cached). Checked before anything is allocated."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ConfigError("prompt is empty" if isinstance(prompt, (list, tuple)) else
+                          f"prompt must be a list of token ids, got {type(prompt).__name__}")
+    if not all(_is_int(t) for t in prompt):
+        raise ConfigError("prompt token ids must be integers")
+    low, high = min(prompt), max(prompt)
+    if low < 0 or high >= model.vocab_size:
+        raise ConfigError(f"prompt token ids must lie in [0, {model.vocab_size}), got range [{low}, {high}]")
+    c = model.canvas_length
+    canvases = -(-gen.max_new_tokens // c)
+    positions = context + len(prompt) + canvases * c
+    if positions > model.max_position_embeddings:
+        raise ConfigError(f"prompt ({context + len(prompt)} tokens) plus max_new_tokens ({gen.max_new_tokens}, "
+                          f"{canvases} canvases of {c}) needs {positions} positions; the model has "
+                          f"{model.max_position_embeddings}")
+    slots = positions - c
+    if max_context is not None and slots > max_context:
+        raise ConfigError(f"prompt ({context + len(prompt)} tokens) plus max_new_tokens ({gen.max_new_tokens}) "
+                          f"needs {slots} context slots; the engine has {max_context}")
 
 
 def _is_int(value: Any) -> bool:

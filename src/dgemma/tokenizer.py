@@ -11,6 +11,7 @@ with the variables transformers passes (`messages`, `add_generation_prompt`, `bo
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,12 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from dgemma.config import UserError
 
-class TokenizerError(ValueError):
+log = logging.getLogger(__name__)
+
+
+class TokenizerError(UserError):
     """Tokenizer files that cannot be used; the message says which."""
 
 
@@ -81,6 +86,7 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        _check_text(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -91,7 +97,8 @@ class Tokenizer:
             raise TokenizerError("this checkpoint has no chat template; pass plain text (--raw) instead")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be an object with 'role' and 'content'")
+                raise TokenizerError(f"message {i} must be an object with 'role' and 'content'")
+            _check_text(m["content"], f"message {i}")
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "")
@@ -100,6 +107,17 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _check_text(text: Any, what: str = "text") -> None:
+    """Text the tokenizer can take: a str of valid Unicode (no lone surrogates, which have no UTF-8 form)."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(f"{what} is not valid Unicode: lone surrogate {text[exc.start]!r} at "
+                             f"character {exc.start}") from None
 
 
 def _raise_template_error(message: str) -> None:
@@ -113,3 +131,39 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"{path}: cannot parse ({exc})") from None
+
+
+class TextStream:
+    """The text of a growing list of generated token ids, released in pieces that never change.
+
+    `push(ids)` returns the newly final text. A character whose UTF-8 bytes are split across pushes decodes as
+    trailing U+FFFD until its last byte arrives, so trailing U+FFFD are held back until more ids come or the
+    stream is finished (`push(ids, final=True)`, which releases everything). The concatenation of the pieces
+    equals `tokenizer.decode(all ids)`, which tests/test_tokenizer_cli.py checks for every split point.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self._tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # released so far
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        self.ids += ids
+        if self._tok is None:
+            return ""
+        full = self._tok.decode(self.ids)
+        if not final:
+            full = full.rstrip("\ufffd")
+        if not full.startswith(self.text):
+            # a decoder whose output for a prefix is not a prefix of its output for the whole (none of ours):
+            # release nothing until it agrees again or the stream ends
+            if not final:
+                return ""
+            log.warning("detokenised text changed after it was streamed; sending what follows the common prefix")
+            common = len(os.path.commonprefix([full, self.text]))
+            delta = full[common:]
+            self.text += delta
+            return delta
+        delta = full[len(self.text):]
+        self.text = full
+        return delta

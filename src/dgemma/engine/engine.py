@@ -18,6 +18,7 @@ Shapes: B active rows, C canvas_length, V vocab, H hidden.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import types
 from collections import deque
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgemma.config import GenerationConfig
+from dgemma.config import ConfigError, GenerationConfig, check_request, check_seed
 from dgemma.engine import rng
 from dgemma.engine.kv_cache import StaticKVCache
 from dgemma.engine.runner import (
@@ -43,6 +44,8 @@ from dgemma.engine.sampler import accept_by_rank, fused_sample
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import accept_mask
 from dgemma.sampler.reference import trim_generated
+
+log = logging.getLogger(__name__)
 
 STREAM_INIT, STREAM_SAMPLE, STREAM_NOISE = 0, 1, 2
 MAX_STABILITY = 8
@@ -64,6 +67,12 @@ class EngineConfig:
     # `sync_every` steps (and at a canvas's last step); 0 = auto: 1 on CPU (a sync is free), 4 on GPUs
     sync_every: int = 0
 
+    def __post_init__(self) -> None:
+        for name, low in (("max_batch", 1), ("max_context", 1), ("sampler_chunk", 1), ("sync_every", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 @dataclass
 class Request:
@@ -80,7 +89,8 @@ class Request:
     # results
     output: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None  # with finish_reason "error": what failed (this request only)
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -139,7 +149,7 @@ class Engine:
         self._graphs = None
         if self.config.cuda_graphs:
             if dev.type != "cuda":
-                raise ValueError("cuda_graphs needs a CUDA device")
+                raise ConfigError("cuda_graphs needs a CUDA device")
             self._graphs = StepGraphs(self)
 
     # -- public ---------------------------------------------------------------------------------------
@@ -179,20 +189,16 @@ class Engine:
         self._admit()
         if not self.rows:
             return
-        b = len(self.rows)
-        st = self._views.get(b)
-        if st is None:  # views of the first b rows (the state tensors are never reallocated)
-            st = self._views[b] = {k: v[:b] for k, v in self.state.items()}
-        fw = self._fw
-        if self._compiled is not None:
-            lengths_t, slots = self._context_inputs(b)
-            self._compiled(self.model, fw, self.cache, st, lengths_t, slots, self.embed_scale,
-                           self.config.sampler_chunk)  # writes the new state into `st`
-        elif self._graphs is not None:
-            self._graphs(b)  # writes the new state of rows 0..b-1 (and of the bucket's padding rows)
-        else:
-            hidden = denoise_rows(self.model, self.cache, st["canvas"], st["soft"], fw=fw)
-            _advance_in_place(self.model, fw, hidden, st, self.embed_scale, self.config.sampler_chunk)
+        st = self._state_views(len(self.rows))
+        saved = None if self._compiled is None and self._graphs is None else {k: v.clone() for k, v in st.items()}
+        try:
+            self._step_rows(self.rows, self.cache, st)
+        except Exception:  # noqa: BLE001 - isolate the rows at fault, the others go on
+            log.exception("engine step failed for a batch of %d rows; retrying each row alone", len(self.rows))
+            self._step_rows_alone(st, saved)
+            if not self.rows:
+                return
+            st = self._state_views(len(self.rows))
         self.nfe += 1
         self._since_sync += 1
         for r in self.rows:
@@ -206,11 +212,67 @@ class Engine:
         # sync: one per `sync_every` steps (and at a canvas's last step) decides which rows commit
         self._since_sync = 0
         frozen, taken = st["frozen"].tolist(), st["steps_taken"].tolist()
+        failed = []
         for row, r in enumerate(self.rows):
             r.steps_taken = taken[row]
             if r.request.on_draft is not None:
-                r.request.on_draft(r.request, st["argmax"][row].tolist())
+                try:
+                    r.request.on_draft(r.request, st["argmax"][row].tolist())
+                except Exception as exc:  # noqa: BLE001 - a caller's callback fails its own request only
+                    self._fail(r.request, f"on_draft callback failed: {exc!r}")
+                    failed.append(row)
+        self._release(failed)
         self._commit([i for i, r in enumerate(self.rows) if frozen[i] or r.steps_left == 0])
+
+    def _state_views(self, b: int) -> dict[str, torch.Tensor]:
+        """Views of the first b rows of every state tensor (the tensors are never reallocated)."""
+        st = self._views.get(b)
+        if st is None:
+            st = self._views[b] = {k: v[:b] for k, v in self.state.items()}
+        return st
+
+    def _step_rows(self, rows: list[_Row], cache: StaticKVCache, st: dict[str, torch.Tensor]) -> None:
+        """One denoising step for `rows` (the first len(rows) rows of `cache` and `st`): forward, sampler,
+        state update, written into `st`. The eager path writes `st` only after everything is computed."""
+        b = len(rows)
+        fw = self._fw
+        if self._compiled is not None and cache is self.cache:
+            lengths_t, slots = self._context_inputs(b)
+            self._compiled(self.model, fw, cache, st, lengths_t, slots, self.embed_scale,
+                           self.config.sampler_chunk)  # writes the new state into `st`
+        elif self._graphs is not None and cache is self.cache:
+            self._graphs(b)  # writes the new state of rows 0..b-1 (and of the bucket's padding rows)
+        else:
+            hidden = denoise_rows(self.model, cache, st["canvas"], st["soft"], fw=fw)
+            _advance_in_place(self.model, fw, hidden, st, self.embed_scale, self.config.sampler_chunk)
+
+    def _step_rows_alone(self, st: dict[str, torch.Tensor], saved: dict[str, torch.Tensor] | None) -> None:
+        """After a batched step raised: restore the rows' state (in-place paths may have written part of it),
+        then step each row alone on views of its own cache row and state (the eager twin of every path). A
+        row whose step still raises fails with the error; every other row has advanced exactly as it would
+        alone (batch invariance: its tokens depend on its own seed and context only)."""
+        if saved is not None:
+            for k, v in saved.items():
+                st[k].copy_(v)
+        failed = []
+        for i, r in enumerate(self.rows):
+            try:
+                self._step_rows([r], self.cache.row_view(i), {k: v[i:i + 1] for k, v in st.items()})
+            except Exception as exc:  # noqa: BLE001
+                log.exception("engine step failed for request %s", r.request.id)
+                self._fail(r.request, f"generation failed: {exc!r}")
+                failed.append(i)
+        self._release(failed)
+
+    def _fail(self, req: Request, message: str) -> None:
+        """End one request with finish_reason "error" and tell its caller (the row is released by the caller)."""
+        req.finish_reason, req.error = "error", message
+        req.finished_at = time.perf_counter()
+        if req.on_tokens is not None:
+            try:
+                req.on_tokens(req, [])
+            except Exception:  # noqa: BLE001 - nothing more can be told to this caller
+                log.exception("on_tokens callback failed while reporting an error")
 
     # -- internals ------------------------------------------------------------------------------------
     def _context_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,24 +292,19 @@ class Engine:
         return self._context
 
     def _validate(self, request: Request) -> None:
-        if not request.prompt:
-            raise ValueError("prompt is empty")
-        if min(request.prompt) < 0 or max(request.prompt) >= self.vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab})")
-        canvases = -(-request.gen.max_new_tokens // self.canvas_length)
-        need = len(request.prompt) + (canvases - 1) * self.canvas_length
+        """Everything about a request that could fail later, checked before it is queued (ConfigError)."""
+        if not isinstance(request.gen, GenerationConfig):
+            raise ConfigError(f"request.gen must be a GenerationConfig, got {type(request.gen).__name__}")
+        request.gen.validate()  # fields may have been changed since construction
+        check_seed(request.seed)
+        context = 0
         if request.extend_context:
-            need += self.cache.lengths[0]
-        positions = need + self.canvas_length
-        if positions > self.model.config.max_position_embeddings:
-            raise ValueError(f"prompt plus max_new_tokens reaches position {positions}, beyond the model's "
-                             f"{self.model.config.max_position_embeddings}")
-        if need > self.config.max_context:
-            raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_new_tokens "
-                             f"({request.gen.max_new_tokens}) needs {need} context slots; the engine has "
-                             f"{self.config.max_context}")
+            if self.config.max_batch != 1:
+                raise ConfigError("extend_context needs an engine with max_batch=1 (one conversation)")
+            context = self.cache.lengths[0]
+        check_request(self.model.config, request.gen, request.prompt, context, self.config.max_context)
         if request.gen.stability_threshold > MAX_STABILITY:
-            raise ValueError(f"stability_threshold above {MAX_STABILITY} is not supported by the engine")
+            raise ConfigError(f"stability_threshold above {MAX_STABILITY} is not supported by the engine")
 
     def _compile(self, fn: Callable) -> Callable:
         """`fn` compiled for this engine alone: the whole step (forward, sampler, state update,
@@ -287,12 +344,15 @@ class Engine:
             row = len(self.rows)
             if not request.extend_context:
                 self.cache.reset_row(row)
-            elif self.config.max_batch != 1:
-                raise ValueError("extend_context needs an engine with max_batch=1 (one conversation)")
-            ids = torch.tensor([request.prompt], device=self.device)
-            encode_row(self.model, self.cache, row, ids, fw=self._fw)
             self.rows.append(_Row(request))
-            self._start_canvas(row)
+            try:
+                encode_row(self.model, self.cache, row, torch.tensor([request.prompt], device=self.device), fw=self._fw)
+                self._start_canvas(row)
+            except Exception as exc:  # noqa: BLE001 - a request that fails its prefill fails alone
+                log.exception("prefill failed for request %s", request.id)
+                self._fail(request, f"prefill failed: {exc!r}")
+                self.rows.pop()
+                self.cache.reset_row(row)
 
     def _start_canvas(self, row: int) -> None:
         r = self.rows[row]
@@ -314,27 +374,38 @@ class Engine:
     def _commit(self, done_rows: list[int]) -> None:
         finished = []
         for row in done_rows:
-            r = self.rows[row]
-            req = r.request
-            req.steps.append(r.steps_taken)
-            remaining = req.gen.max_new_tokens - len(req.output)
-            emitted, reason = trim_generated(self.state["argmax"][row].tolist(), remaining, req.gen.eos_token_ids)
-            if reason == "length" and len(emitted) < remaining:
-                reason = None  # neither an end token nor the last token asked for: the next canvas follows
-            req.output.extend(emitted)
-            if req.first_token_at is None:
-                req.first_token_at = time.perf_counter()
-            if reason is not None:
-                req.finish_reason = reason
-                req.finished_at = time.perf_counter()
+            try:
+                if self._commit_row(row):
+                    finished.append(row)
+            except Exception as exc:  # noqa: BLE001 - a failing commit (or callback) ends its own request only
+                log.exception("commit failed for request %s", self.rows[row].request.id)
+                self._fail(self.rows[row].request, f"commit failed: {exc!r}")
                 finished.append(row)
-            if req.on_tokens is not None and (emitted or reason is not None):
-                req.on_tokens(req, emitted)  # the last call comes with req.done set
-            if reason is None:
-                self._encode_canvas(row, self.state["argmax"][row:row + 1].clone())
-                r.canvas_index += 1
-                self._start_canvas(row)
         self._release(finished)
+
+    def _commit_row(self, row: int) -> bool:
+        """Emit row `row`'s finished canvas; then end its request (True) or start its next canvas."""
+        r = self.rows[row]
+        req = r.request
+        req.steps.append(r.steps_taken)
+        remaining = req.gen.max_new_tokens - len(req.output)
+        emitted, reason = trim_generated(self.state["argmax"][row].tolist(), remaining, req.gen.eos_token_ids)
+        if reason == "length" and len(emitted) < remaining:
+            reason = None  # neither an end token nor the last token asked for: the next canvas follows
+        req.output.extend(emitted)
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if reason is not None:
+            req.finish_reason = reason
+            req.finished_at = time.perf_counter()
+        if req.on_tokens is not None and (emitted or reason is not None):
+            req.on_tokens(req, emitted)  # the last call comes with req.done set
+        if reason is not None:
+            return True
+        self._encode_canvas(row, self.state["argmax"][row:row + 1].clone())
+        r.canvas_index += 1
+        self._start_canvas(row)
+        return False
 
     def _encode_canvas(self, row: int, ids: torch.Tensor) -> None:
         """Commit pass for a finished canvas: `encode_row`, or compiled, `encode_canvas` (one graph for
@@ -361,15 +432,22 @@ class Engine:
                 self.rows[row] = self.rows[last]
             self.rows.pop()
 
-    def fail_all(self, reason: str = "error") -> None:
-        """End every request (after an internal error), notifying their callbacks."""
-        for req in [r.request for r in self.rows] + list(self.waiting):
-            req.finish_reason = reason
-            req.finished_at = time.perf_counter()
-            if req.on_tokens is not None:
-                req.on_tokens(req, [])
+    def fail_all(self, message: str = "engine failure") -> None:
+        """End every request with an error (the last resort after an error outside any one row's work): the
+        engine is emptied first, then each request's caller is told."""
+        requests = self.reset()
+        for req in requests:
+            self._fail(req, message)
+
+    def reset(self) -> list[Request]:
+        """Drop every active and waiting request without telling their callers, reset the rows' cache; returns
+        the dropped requests. The engine is then idle and as good as new."""
+        requests = [r.request for r in self.rows] + list(self.waiting)
+        for row in range(len(self.rows)):
+            self.cache.reset_row(row)
         self.rows.clear()
         self.waiting.clear()
+        return requests
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self.rows) if r.request.cancelled]

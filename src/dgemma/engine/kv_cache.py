@@ -51,6 +51,17 @@ class StaticKVCache:
         if n > self.max_context:
             raise ValueError(f"context of {n} tokens exceeds the engine's max_context {self.max_context}")
 
+    def row_view(self, row: int) -> StaticKVCache:
+        """A one-row cache of views into row `row` (no copies): the step for that row alone."""
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.canvas, view.ring, view.max_context, view.max_batch = self.canvas, self.ring, self.max_context, 1
+        view.keys = [k[row:row + 1] for k in self.keys]
+        view.values = [v[row:row + 1] for v in self.values]
+        view.is_sliding = self.is_sliding
+        view.ring_pos = self.ring_pos[row:row + 1]
+        view.lengths = [self.lengths[row]]
+        return view
+
     def reset_row(self, row: int) -> None:
         self.lengths[row] = 0
         self.ring_pos[row] = -1

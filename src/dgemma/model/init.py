@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dgemma.config import ModelConfig
+from dgemma.config import ConfigError, ModelConfig
 from dgemma.model.modeling import DiffusionGemma, RMSNorm
 
 PRESETS: dict[str, dict] = {
@@ -32,7 +32,7 @@ def count_parameters(config: ModelConfig) -> int:
 
 def preset_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
