@@ -57,3 +57,8 @@ def checkpoint_with_tokenizer(hf_checkpoint, tmp_path_factory):
     return out
 
 
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-requests", type=int, default=300,
+                     help="malformed requests tests/test_server_fuzz.py sends (documented longer run: 2000)")

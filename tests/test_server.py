@@ -178,3 +178,102 @@ def test_load_50_concurrent_streams(checkpoint_with_tokenizer):
         assert sum(r == "ok" for r, _ in results) >= 20
         health = httpx.get(s.url + "/health").json()
         assert health["status"] == "ok" and health["active"] == 0 and health["queued"] == 0
+
+
+def _is_openai_error(r, status):
+    body = r.json()
+    assert r.status_code == status, (r.status_code, r.text)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+@pytest.mark.parametrize("raw,what", [
+    (b"", "empty"), (b"   ", "empty"), (b"\xff\xfe{}", "UTF-8"), (b"[" * 5000 + b"]" * 5000, "nested"),
+    (b'{"model": "tiny", "prompt": "x", "x": ' + b"[" * 40 + b"]" * 40 + b"}", "nested"),
+    (b'{"model": "tiny", "prompt": "\\ud800"}', "surrogate"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}', "surrogate"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "JSON"),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": true}', "max_tokens"),
+    (b'{"model": "tiny", "prompt": "x", "stream": "yes"}', "stream"),
+    (b'{"model": "tiny", "prompt": "x", "seed": "1"}', "seed"),
+    (b'{"model": "tiny", "prompt": "x", "seed": 18446744073709551616}', "seed"),
+    (b'{"model": "tiny", "prompt": "x", "entropy_bound": 1e39}', "entropy_bound"),
+    (b'{"model": "tiny", "prompt": "x", "confidence_threshold": 1e308}', "confidence_threshold"),
+    (b'{"model": "tiny", "prompt": [1, true]}', "prompt"),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 100000}', "positions"),
+    (b'[1, 2]', "object"),
+])
+def test_malformed_bodies_are_400_and_the_connection_stays_usable(server, raw, what):
+    with httpx.Client(base_url=server.url, timeout=60) as http:  # one keep-alive connection
+        r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        err = _is_openai_error(r, 400)
+        assert what.lower() in err["message"].lower() or what == err["param"], err
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": [2, 3], "max_tokens": 4, "seed": 1})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_every_error_status_has_the_openai_shape(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        _is_openai_error(http.get("/v1/nowhere"), 404)
+        _is_openai_error(http.get("/v1/completions"), 405)
+        _is_openai_error(http.post("/v1/completions", content=b"x" * (2 << 20)), 413)
+        _is_openai_error(http.post("/v1/completions", json={"model": "other", "prompt": "x"}), 404)
+
+
+def test_tiny_temperature_is_clamped_not_garbage(client):
+    """temperature 1e-40 (and 0) are the documented near-greedy floor: a real answer, the same as 0's."""
+    kw = dict(model="tiny", prompt=[2, 40, 41], max_tokens=12, seed=4)
+    tiny = client.completions.create(temperature=1e-40, **kw)
+    zero = client.completions.create(temperature=0, **kw)
+    assert tiny.choices[0].text == zero.choices[0].text
+    assert tiny.model_extra["dgemma"]["token_ids"] == zero.model_extra["dgemma"]["token_ids"]
+    assert any(t != 0 for t in tiny.model_extra["dgemma"]["token_ids"]) or tiny.choices[0].finish_reason == "stop"
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(checkpoint_with_tokenizer, monkeypatch):
+    from dgemma.server import worker as worker_module
+
+    with _Server(_app(checkpoint_with_tokenizer)) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+        monkeypatch.setattr(worker_module.Job, "final_body", lambda self: 1 / 0)
+        body = {"model": "tiny", "prompt": [2, 3], "max_tokens": 4}
+        _is_openai_error(http.post("/v1/completions", json=body), 500)
+        monkeypatch.undo()
+        assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_a_request_failing_in_the_engine_fails_alone(checkpoint_with_tokenizer, monkeypatch):
+    from dgemma.engine.engine import Engine
+
+    original = Engine._step_rows
+
+    def step_rows(self, rows, cache, st):
+        if any(r.request.seed == 666 for r in rows):
+            raise RuntimeError("injected fault")
+        return original(self, rows, cache, st)
+
+    monkeypatch.setattr(Engine, "_step_rows", step_rows)
+    with _Server(_app(checkpoint_with_tokenizer)) as s:
+        good = dict(model="tiny", prompt=[2, 50, 51], max_tokens=40, seed=7)
+        alone = httpx.post(s.url + "/v1/completions", json=good, timeout=60).json()["choices"][0]["text"]
+
+        async def both():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
+                bad = http.post("/v1/completions", json={**good, "seed": 666})
+                ok = http.post("/v1/completions", json={**good, "stream": True})
+                return await asyncio.gather(bad, ok)
+
+        bad, ok = asyncio.run(both())
+        assert "injected fault" in _is_openai_error(bad, 500)["message"]
+        chunks = [line[6:] for line in ok.text.splitlines() if line.startswith("data: {")]
+        import json
+
+        assert "".join(json.loads(c)["choices"][0]["text"] for c in chunks) == alone
+        assert httpx.get(s.url + "/health").json() == {"status": "ok", "active": 0, "queued": 0}
+
+
+def test_empty_api_key_is_refused():
+    from dgemma.config import UserError
+    from dgemma.server.api import ServerConfig
+
+    with pytest.raises(UserError, match="api_key"):
+        ServerConfig(api_key="")
