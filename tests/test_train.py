@@ -58,9 +58,10 @@ def test_resume_equals_uninterrupted(data_dirs, tmp_path):
     full = train(_config(data_dirs, tmp_path / "full", steps=10, eval_every=100))
     cfg = _config(data_dirs, tmp_path / "split", steps=10, eval_every=100)
     train(cfg, stop_after=4)
-    assert json.loads((tmp_path / "split" / "train_state" / "state.json").read_text())["step"] == 4
-    train(cfg)
-    a, b = _weights(full), _weights(tmp_path / "split")
+    assert json.loads((tmp_path / "split" / "step-00000004" / "train_state" / "state.json").read_text())["step"] == 4
+    last = train(cfg)
+    assert last == tmp_path / "split" / "step-00000010"
+    a, b = _weights(full), _weights(last)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -77,3 +78,83 @@ def test_trained_checkpoint_loads_in_transformers(data_dirs, tmp_path):
         cache = ours.new_cache()
         ours.encode(ids, cache)
         torch.testing.assert_close(ours.denoise(canvas, cache), ref, atol=1e-5, rtol=1e-5)
+
+
+def _driver(cfg, tmp_path, delay):
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg_file = tmp_path / f"{Path(cfg.out).name}.json"
+    cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
+    driver = Path(__file__).parent / "train_driver.py"
+    return subprocess.Popen([sys.executable, str(driver), str(cfg_file), str(delay)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc, timeout=60.0):
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            return False
+        assert time.time() < deadline, "the training run did not reach the kill point"
+        time.sleep(0.003)
+    return True
+
+
+def test_sigkill_at_any_moment_then_resume_is_exact(data_dirs, tmp_path):
+    """SIGKILL a run repeatedly (during saves, between them, at start-up); each restart resumes from the newest
+    complete checkpoint, and the final weights equal those of an uninterrupted run bit for bit."""
+    import signal
+    import time
+
+    kw = dict(steps=12, save_every=2, eval_every=6, keep_checkpoints=2)
+    full = _driver(_config(data_dirs, tmp_path / "full", **kw), tmp_path, 0.0)
+    assert full.wait(timeout=120) == 0, full.stderr.read()
+    out = tmp_path / "killed"
+    cfg = _config(data_dirs, out, **kw)
+    kills = {"save": 0, "step": 0, "start": 0}
+    schedule = ["save", "step", "save", "start", "step", "save", "step"]
+    def saving():
+        return any(out.glob(".tmp-step-*"))
+
+    for moment in schedule:
+        proc = _driver(cfg, tmp_path, 0.25)
+        if moment == "save":
+            reached = _wait_for(saving, proc)
+        elif moment == "step":
+            done = {p.name for p in out.glob("step-*")}
+            reached = _wait_for(lambda d=done: {p.name for p in out.glob("step-*")} - d and not saving(), proc)
+        else:
+            time.sleep(0.5)
+            reached = proc.poll() is None
+        if not reached:
+            break  # the run finished before this kill point
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills[moment] += 1
+    last = _driver(cfg, tmp_path, 0.0)
+    assert last.wait(timeout=120) == 0, last.stderr.read()
+    assert "resuming" in last.stderr.read()
+    assert kills["save"] >= 2 and sum(kills.values()) >= 5, kills
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000010", "step-00000012"]
+    a, b = _weights(tmp_path / "full" / "step-00000012"), _weights(out / "step-00000012")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_damaged_newest_checkpoint_is_named_and_fallback_is_opt_in(data_dirs, tmp_path):
+    from dgemma.model.loading import CheckpointError
+
+    cfg = _config(data_dirs, tmp_path / "run", steps=4, save_every=2, eval_every=100)
+    train(cfg)
+    shard = next((tmp_path / "run" / "step-00000004").glob("model*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    cfg6 = _config(data_dirs, tmp_path / "run", steps=6, save_every=2, eval_every=100)
+    with pytest.raises(CheckpointError, match=shard.name):
+        train(cfg6)
+    cfg6.resume_fallback = True
+    assert train(cfg6) == tmp_path / "run" / "step-00000006"  # resumed from step 2, then went on

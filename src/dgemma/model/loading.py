@@ -25,13 +25,15 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from dgemma.config import GenerationConfig, ModelConfig, parse_dtype
+from dgemma.config import GenerationConfig, ModelConfig, UserError, parse_dtype
+from dgemma.fileio import atomic_directory
 from dgemma.model.modeling import DiffusionGemma
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
+_SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+# what a checkpoint directory may hold (train_state/: a training checkpoint's optimizer state and counters)
+_CHECKPOINT_FILES = {"config.json", "generation_config.json", INDEX_FILE, "train_state", *TOKENIZER_FILES}
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -49,7 +54,7 @@ _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision."
 _TIED_PREFIXES = ("model.encoder.language_model.", "lm_head.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that cannot be loaded; the message says what to fix."""
 
 
@@ -89,7 +94,7 @@ class _Shard:
                 header = json.loads(f.read(header_len))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path.name}: cannot read safetensors header ({exc})") from None
-        header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + header_len
         self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         for key, info in header.items():
@@ -121,7 +126,7 @@ def _read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent}: no {path.name} ({what})") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: cannot parse {what} ({exc})") from None
 
 
@@ -136,7 +141,10 @@ def _check_directory(directory: str | os.PathLike) -> Path:
 
 def read_model_config(directory: str | os.PathLike) -> ModelConfig:
     path = _check_directory(directory)
-    return ModelConfig.from_hf_dict(_read_json(path / "config.json", "the model config"))
+    try:
+        return ModelConfig.from_hf_dict(_read_json(path / "config.json", "the model config"))
+    except UserError as exc:
+        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
 
 
 def read_generation_config(directory: str | os.PathLike, model_config: ModelConfig) -> GenerationConfig:
@@ -144,7 +152,7 @@ def read_generation_config(directory: str | os.PathLike, model_config: ModelConf
     data = _read_json(path, "the generation config") if path.exists() else {}
     try:
         return GenerationConfig.from_hf_dict(data, model_config)
-    except (TypeError, ValueError) as exc:
+    except UserError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
@@ -177,6 +185,13 @@ def _open_shards(path: Path) -> dict[str, _Shard]:
                 raise CheckpointError(f"{path / name}: tensor {key!r} listed in {INDEX_FILE} is not in this shard")
             by_key[key] = shards[name]
     return by_key
+
+
+def read_shard_metadata(directory: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """The safetensors header metadata of every shard of a checkpoint, by file name; each header is validated
+    (a missing, truncated or inconsistent shard raises CheckpointError naming the file)."""
+    by_key = _open_shards(_check_directory(directory))
+    return {shard.path.name: shard.metadata for shard in by_key.values()}
 
 
 def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
@@ -251,13 +266,18 @@ def _account_extra_keys(path: Path, by_key: dict[str, _Shard], expected: dict, t
 # -- saving ----------------------------------------------------------------------------------------
 def save_model(model: DiffusionGemma, directory: str | os.PathLike, *,
                generation_config: GenerationConfig | None = None, max_shard_bytes: int = 2 * 1024**3,
-               tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None) -> Path:
+               tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
+               metadata: dict[str, str] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write `model` in the Hugging Face layout (loadable by transformers and by `load_model`).
 
-    The encoder's duplicate layer scalars are written as transformers expects. The vision tower is
-    not part of this model: a saved checkpoint is text-only (its config has no vision_config)."""
+    The directory appears (or replaces an earlier checkpoint) only when every file is written and synced
+    (`fileio.atomic_directory`); a directory holding anything but checkpoint files is refused rather than
+    replaced. `metadata` goes into every shard's safetensors header (training writes its step there); `extra`
+    writes more files into the directory before it is made visible (training's optimizer state). The
+    encoder's duplicate layer scalars are written as transformers expects. The vision tower is not part of
+    this model: a saved checkpoint is text-only (its config has no vision_config)."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
     config = model.config
     dtype_name = parse_dtype(dtype) if dtype else _dtype_name_of(model.dtype)
     target = getattr(torch, dtype_name)
@@ -270,33 +290,48 @@ def save_model(model: DiffusionGemma, directory: str | os.PathLike, *,
     if config.vision_config is not None:
         log.warning("saving a text-only checkpoint: the vision tower is not carried over")
         hf_config.pop("vision_config")
+    gen = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids, pad_token_id=config.pad_token_id)
+    with atomic_directory(out) as tmp:
+        _write_shards(state, tmp, max_shard_bytes, {"format": "pt", **(metadata or {})})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(gen.to_hf_dict(), indent=2))
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.exists():
+                    (tmp / name).write_bytes(src.read_bytes())
+        for p in tmp.iterdir():
+            os.chmod(p, 0o644)
+        if extra is not None:
+            extra(tmp)
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in _CHECKPOINT_FILES and not _SHARD_NAME.fullmatch(p.name))
+    if others:
+        raise CheckpointError(f"{out}: holds files that are not part of a checkpoint ({', '.join(others[:3])}); "
+                              "save to a new directory")
+
+
+def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict[str, str]) -> None:
     shards = _plan_shards(state, max_shard_bytes)
     n = len(shards)
     weight_map, total = {}, 0
     for i, keys in enumerate(shards, 1):
         name = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file({k: state[k] for k in keys}, str(out / name), metadata={"format": "pt"})
-        os.chmod(out / name, 0o644)
+        save_file({k: state[k] for k in keys}, str(out / name), metadata=metadata)
         for k in keys:
             weight_map[k] = name
             total += state[k].numel() * state[k].element_size()
-    stale = [p for p in out.glob("model*.safetensors") if p.name not in set(weight_map.values())]
-    for p in stale:
-        p.unlink()
     if n > 1:
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2, sort_keys=True))
-    elif (out / INDEX_FILE).exists():
-        (out / INDEX_FILE).unlink()
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    gen = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids, pad_token_id=config.pad_token_id)
-    (out / "generation_config.json").write_text(json.dumps(gen.to_hf_dict(), indent=2))
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.exists() and src.resolve() != (out / name).resolve():
-                (out / name).write_bytes(src.read_bytes())
-    return out
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
 def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:

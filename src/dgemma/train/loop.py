@@ -5,10 +5,11 @@ canvases) and chat pairs in the chat template (response = answer + end-of-turn, 
 canvas). Every random choice of step k comes from a generator seeded with (seed, k), so a run resumed from a
 checkpoint continues exactly as the uninterrupted run would (tests/test_train.py).
 
-Checkpoints (every `save_every` steps and at the end) go to `out/`: the model in the Hugging Face layout
-(shards of at most 16 MB, loadable by transformers and `load_model`), the tokenizer, and `train_state/`
-(optimizer moments as safetensors + a JSON of counters). AdamW(0.95, 0.99), linear warmup then cosine decay,
-gradient clipping; fp32 on CPU, bf16 autocast on CUDA.
+Checkpoints (every `save_every` steps, at the end, and on Ctrl-C) go to `out/step-NNNNNNNN/`, written
+atomically (`train/checkpoint.py`): the model in the Hugging Face layout (shards of at most 16 MB, loadable
+by transformers and `load_model`), the tokenizer, and `train_state/` (optimizer moments + a JSON of counters);
+the newest `keep_checkpoints` are kept. A run resumes from the newest complete checkpoint of `out/`.
+AdamW(0.95, 0.99), linear warmup then cosine decay, gradient clipping; fp32 on CPU, bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from dgemma.config import GenerationConfig, ModelConfig
+from dgemma.config import ConfigError, GenerationConfig, ModelConfig
 from dgemma.model.init import random_model
-from dgemma.model.loading import load_model, save_model
+from dgemma.model.loading import load_model
 from dgemma.tokenizer import Tokenizer
+from dgemma.train.checkpoint import find_resume_point, restore_optimizer, save_checkpoint
 from dgemma.train.data import DOC_SEP
 from dgemma.train.objective import Batch, objective
 
@@ -69,9 +71,22 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 4
     save_every: int = 100
+    keep_checkpoints: int = 2  # complete checkpoints kept in `out` (the newest ones)
+    resume_fallback: bool = False  # resume from an older checkpoint when the newest is damaged (else: an error)
     log_every: int = 20
     device: str = "cpu"
     threads: int = 0  # 0: leave torch's default
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "max_prompt", "max_canvases", "eval_every", "eval_batches",
+                     "save_every", "keep_checkpoints", "log_every", "warmup"):
+            if getattr(self, name) < (0 if name == "warmup" else 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.chat_fraction <= 1 or not 0 <= self.self_cond_prob <= 1:
+            raise ConfigError("lr must be > 0; chat_fraction and self_cond_prob must lie in [0, 1]")
+        for name in ("data", "tokenizer"):
+            if not Path(getattr(self, name)).is_dir():
+                raise ConfigError(f"--{name} {getattr(self, name)}: no such directory (run `dgemma data build`)")
 
     def model_config(self, tokenizer: Tokenizer) -> ModelConfig:
         n = self.num_hidden_layers
@@ -145,34 +160,6 @@ def _to(batch: Batch, device: str) -> Batch:
     return Batch(batch.clean.to(device), batch.prompt_lens.to(device), batch.resp_lens.to(device))
 
 
-def _save(model, opt, cfg: TrainConfig, tok_dir: Path, step: int, history: list[dict]) -> None:
-    out = Path(cfg.out)
-    gen = GenerationConfig(max_new_tokens=4 * cfg.canvas_length, max_denoising_steps=16,
-                           eos_token_ids=model.config.eos_token_ids, pad_token_id=model.config.pad_token_id)
-    save_model(model, out, generation_config=gen, max_shard_bytes=16 * 2**20, tokenizer_dir=tok_dir)
-    state_dir = out / "train_state"
-    state_dir.mkdir(exist_ok=True)
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for k, v in opt.state.get(p, {}).items():
-                if torch.is_tensor(v):
-                    tensors[f"{names[id(p)]}::{k}"] = v.detach().cpu().contiguous()
-    save_file(tensors, str(state_dir / "optimizer.safetensors"))
-    (state_dir / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
-
-
-def _restore(model, opt, out: Path) -> tuple[int, list[dict]]:
-    state = json.loads((out / "train_state" / "state.json").read_text())
-    tensors = load_file(str(out / "train_state" / "optimizer.safetensors"))
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        name, k = key.split("::")
-        opt.state[params[name]][k] = value.to(params[name].device)
-    return state["step"], state["history"]
-
-
 @torch.no_grad()
 def evaluate(model, corpus: Corpus, cfg: TrainConfig) -> dict[str, float]:
     """Validation encoder (next-token) loss and canvas CE at fixed noise levels, on fixed batches."""
@@ -190,19 +177,21 @@ def evaluate(model, corpus: Corpus, cfg: TrainConfig) -> dict[str, float]:
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
-    """Train (or resume, when `out/train_state` exists) and return the checkpoint directory.
-    `stop_after` ends the run early at that step (used to test resuming)."""
+    """Train (or resume from the newest complete checkpoint in `out`) and return the newest checkpoint's
+    directory. `stop_after` ends the run early at that step (used to test resuming). Ctrl-C saves a
+    checkpoint at the current step and returns."""
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok_dir, data_dir, out = Path(cfg.tokenizer), Path(cfg.data), Path(cfg.out)
     tok = Tokenizer.from_directory(tok_dir)
     if tok is None:
-        raise ValueError(f"{tok_dir} has no tokenizer.json; run `dgemma data build` first")
+        raise ConfigError(f"{tok_dir} has no tokenizer.json; run `dgemma data build` first")
     train_data, val_data = Corpus(data_dir, "train", tok, cfg), Corpus(data_dir, "val", tok, cfg)
-    resume = (out / "train_state" / "state.json").exists()
-    if resume:
-        model, _ = load_model(out, dtype="float32", device=cfg.device)
-        # Own copies: the loaded tensors map the shard files that the next save rewrites.
+    resume = find_resume_point(out, fallback=cfg.resume_fallback)
+    if resume is not None:
+        model, _ = load_model(resume.directory, dtype="float32", device=cfg.device)
+        # Own copies: the loaded tensors are memory-mapped views of the checkpoint's files.
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
         model.requires_grad_(True)
     else:
@@ -212,44 +201,102 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.95, 0.99), eps=1e-8)
-    step, history = (0, [])
-    if resume:
-        step, history = _restore(model, opt, out)
-        for group in opt.param_groups:  # AdamW keeps its step count per parameter in the state
-            group["lr"] = lr_at(step, cfg)
-        log.info("resuming %s at step %d", out, step)
+    step, history = 0, []
+    if resume is not None:
+        restore_optimizer(resume.directory, model, opt)
+        step, history = resume.step, resume.history
+        print(f"resuming {out} from step {step} ({resume.directory.name})", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {n_params / 1e6:.2f}M parameters, {len(train_data.stream)} stream tokens, "
           f"{len(train_data.chat)} chat pairs, from step {step} to {cfg.steps}", file=sys.stderr)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else _null()
-    t_last, tokens = time.perf_counter(), 0
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    while step < end:
-        batch = _to(train_data.batch(_step_generator(cfg.seed, step)), cfg.device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with autocast:
-            parts = objective(model, batch, _step_generator(cfg.seed, step, 1), pad_id=train_data.pad,
-                              self_cond_prob=cfg.self_cond_prob)
-        opt.zero_grad(set_to_none=True)
-        parts.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        step += 1
-        tokens += int((batch.prompt_lens + batch.resp_lens).sum())
-        if step % cfg.log_every == 0 or step == end:
-            now = time.perf_counter()
-            print(f"step {step}/{cfg.steps} loss {parts.total.item():.3f} (canvas {parts.diffusion.item():.3f}, "
-                  f"ar {parts.encoder.item():.3f}) lr {lr_at(step - 1, cfg):.2e} {tokens / (now - t_last):.0f} tok/s",
-                  file=sys.stderr, flush=True)
-            t_last, tokens = now, 0
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics = {"step": step, **evaluate(model, val_data, cfg)}
-            history.append(metrics)
-            print("eval " + json.dumps(metrics), file=sys.stderr, flush=True)
-        if step % cfg.save_every == 0 or step == end:
+    saved = step if resume is not None else -1
+    progress = _Progress(cfg, end)
+    with _InterruptFlag() as interrupted:
+        while step < end and not interrupted.set:
+            parts, tokens = _train_step(model, opt, train_data, cfg, step)
+            step += 1
+            progress.log(step, parts, tokens)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics = {"step": step, **evaluate(model, val_data, cfg)}
+                history.append(metrics)
+                print("eval " + json.dumps(metrics), file=sys.stderr, flush=True)
+            if step % cfg.save_every == 0 or step == end:
+                _save(model, opt, cfg, tok_dir, step, history)
+                saved = step
+        if interrupted.set and saved != step:
             _save(model, opt, cfg, tok_dir, step, history)
-    return out
+    if interrupted.set:
+        print(f"interrupted: checkpoint saved at step {step}", file=sys.stderr)
+    return out / f"step-{step:08d}"
+
+
+def _train_step(model, opt, data: Corpus, cfg: TrainConfig, step: int) -> tuple:
+    """One optimisation step; every random choice comes from generators seeded with (seed, step)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else _null()
+    batch = _to(data.batch(_step_generator(cfg.seed, step)), cfg.device)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    with autocast:
+        parts = objective(model, batch, _step_generator(cfg.seed, step, 1), pad_id=data.pad,
+                          self_cond_prob=cfg.self_cond_prob)
+    opt.zero_grad(set_to_none=True)
+    parts.total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    opt.step()
+    return parts, int((batch.prompt_lens + batch.resp_lens).sum())
+
+
+class _Progress:
+    """A log line every `log_every` steps: losses, learning rate, tokens per second since the last line."""
+
+    def __init__(self, cfg: TrainConfig, end: int) -> None:
+        self.cfg, self.end, self.tokens, self.since = cfg, end, 0, time.perf_counter()
+
+    def log(self, step: int, parts, tokens: int) -> None:
+        self.tokens += tokens
+        if step % self.cfg.log_every and step != self.end:
+            return
+        now = time.perf_counter()
+        print(f"step {step}/{self.cfg.steps} loss {parts.total.item():.3f} (canvas {parts.diffusion.item():.3f}, "
+              f"ar {parts.encoder.item():.3f}) lr {lr_at(step - 1, self.cfg):.2e} "
+              f"{self.tokens / (now - self.since):.0f} tok/s", file=sys.stderr, flush=True)
+        self.tokens, self.since = 0, now
+
+
+def _save(model, opt, cfg: TrainConfig, tok_dir: Path, step: int, history: list[dict]) -> None:
+    gen = GenerationConfig(max_new_tokens=4 * cfg.canvas_length, max_denoising_steps=16,
+                           eos_token_ids=model.config.eos_token_ids, pad_token_id=model.config.pad_token_id)
+    save_checkpoint(Path(cfg.out), step, model, opt, {"config": asdict(cfg), "history": history}, tok_dir, gen,
+                    keep=cfg.keep_checkpoints)
+
+
+class _InterruptFlag:
+    """While active, the first Ctrl-C (SIGINT) sets `.set` instead of raising, so the loop can finish its step
+    and save; a second Ctrl-C interrupts at once. Outside the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = None
+
+    def __enter__(self) -> _InterruptFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 class _null:
