@@ -4,20 +4,28 @@ Each answer is drawn live: committed text, then the current argmax canvas (dim) 
 into text step by step. The conversation's KV cache is kept between turns: the next turn encodes only the
 tokens that are not cached yet (when the rendered conversation extends the cached tokens; otherwise the
 context is rebuilt). Commands: /reset (forget the conversation), /quit (or Ctrl-D).
+
+A bad turn (input that is not valid UTF-8, a prompt that does not fit the context, a generation error, Ctrl-C
+while the model answers) ends that turn with a message; the session and its history go on, the failed turn
+left out of it. tests/test_chat.py drives a session through such turns.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from dgemma.config import GenerationConfig
+from dgemma.config import GenerationConfig, UserError
 from dgemma.engine.engine import Engine, EngineConfig, Request
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class ChatSession:
@@ -50,20 +58,39 @@ class ChatSession:
         return self.tokenizer.encode(text, add_special_tokens=False), False
 
     def answer(self, text: str, seed: int = 0, on_draft=None, on_tokens=None) -> Request:
+        """The model's answer to `text`. On any failure (UserError for a bad turn, KeyboardInterrupt, an engine
+        error) the turn is undone: the history is as before and the next turn re-encodes the context."""
         self.messages.append({"role": "user", "content": text})
-        ids, extend = self._conversation_ids()
-        cached = self.cached if extend else 0
-        request = Request(prompt=ids[cached:], gen=self.gen, seed=seed, on_draft=on_draft, on_tokens=on_tokens,
-                          extend_context=cached > 0)
-        self.engine.submit(request)
-        while self.engine.has_work():
-            self.engine.step()
+        try:
+            ids, request = self._generate(seed, on_draft, on_tokens)
+        except BaseException:
+            self.messages.pop()
+            self._forget_cache()
+            raise
         answer = self.tokenizer.decode(request.output)
         self.messages.append({"role": "assistant", "content": answer})
         self.text = self.tokenizer.render_chat(self.messages[:-1]) + answer
         self.ids = ids + request.output
         self.cached = self.engine.cache.lengths[0]  # prompt + every committed canvas but the last
         return request
+
+    def _generate(self, seed: int, on_draft, on_tokens) -> tuple[list[int], Request]:
+        ids, extend = self._conversation_ids()
+        cached = self.cached if extend else 0
+        request = Request(prompt=ids[cached:], gen=self.gen, seed=seed, on_draft=on_draft, on_tokens=on_tokens,
+                          extend_context=cached > 0)
+        self.engine.submit(request)  # validated here: a turn that does not fit raises UserError
+        while self.engine.has_work():
+            self.engine.step()
+        if request.finish_reason == "error":
+            raise RuntimeError(request.error)
+        return ids, request
+
+    def _forget_cache(self) -> None:
+        """After an interrupted or failed turn: drop whatever the engine holds; the next turn encodes the whole
+        conversation again (its messages are kept)."""
+        self.ids, self.text, self.cached = [], "", 0
+        self.engine.reset()
 
 
 def _answer(session: ChatSession, tokenizer: Tokenizer, console: Console, text: str, seed: int,
@@ -94,6 +121,8 @@ def run_chat(model: DiffusionGemma, tokenizer: Tokenizer, gen: GenerationConfig,
     console = Console()
     session = ChatSession(model, tokenizer, gen, system)
     console.print("[bold]dgemma chat[/bold]  (/reset to start over, /quit or Ctrl-D to leave)")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # invalid UTF-8 reaches us as lone surrogates
     turn = 0
     while True:
         try:
@@ -109,13 +138,41 @@ def run_chat(model: DiffusionGemma, tokenizer: Tokenizer, gen: GenerationConfig,
             session.reset()
             console.print("[dim](conversation cleared)[/dim]")
             continue
-        t0 = time.perf_counter()
-        req = _answer(session, tokenizer, console, text, seed + turn, live)
-        seconds = time.perf_counter() - t0
-        turn += 1
-        console.print(Text("model> ", style="bold green") + Text(tokenizer.decode(req.output)))
-        steps = req.steps
-        console.print(f"[dim][{len(req.output)} tokens ({req.finish_reason}), {len(steps)} canvases, "
-                      f"steps/canvas {sum(steps) / max(1, len(steps)):.1f}, "
-                      f"tokens/forward {len(req.output) / max(1, sum(steps)):.2f}, "
-                      f"{len(req.output) / seconds:.1f} tokens/s, context {session.cached} tokens cached][/dim]")
+        if not _is_utf8(text):
+            console.print("[red]turn skipped: that line is not valid UTF-8[/red]")
+            continue
+        if _turn(session, tokenizer, console, text, seed + turn, live):
+            turn += 1
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _turn(session: ChatSession, tokenizer: Tokenizer, console: Console, text: str, seed: int, live: bool) -> bool:
+    """One turn; a failure ends the turn with a message and leaves the session as it was."""
+    t0 = time.perf_counter()
+    try:
+        req = _answer(session, tokenizer, console, text, seed, live)
+    except UserError as exc:
+        console.print(f"[red]turn skipped: {' '.join(str(exc).split())}[/red]")
+        return False
+    except KeyboardInterrupt:
+        console.print("[yellow](answer interrupted; the conversation is as before this turn)[/yellow]")
+        return False
+    except Exception as exc:  # noqa: BLE001 - a failed generation ends the turn, not the session
+        log.debug("turn failed", exc_info=True)
+        console.print(f"[red]generation failed: {exc}; the conversation is as before this turn[/red]")
+        return False
+    seconds = time.perf_counter() - t0
+    console.print(Text("model> ", style="bold green") + Text(tokenizer.decode(req.output)))
+    steps = req.steps
+    console.print(f"[dim][{len(req.output)} tokens ({req.finish_reason}), {len(steps)} canvases, "
+                  f"steps/canvas {sum(steps) / max(1, len(steps)):.1f}, "
+                  f"tokens/forward {len(req.output) / max(1, sum(steps)):.2f}, "
+                  f"{len(req.output) / seconds:.1f} tokens/s, context {session.cached} tokens cached][/dim]")
+    return True
