@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from dgemma.benchmark import BenchConfig, _weight_bytes_per_step, run_engine  # noqa: E402
-from dgemma.config import GenerationConfig  # noqa: E402
-from dgemma.engine.engine import Engine, EngineConfig, StepGraphs  # noqa: E402
+from dgemma.config import EngineConfig, GenerationConfig  # noqa: E402
+from dgemma.engine.engine import Engine  # noqa: E402
+from dgemma.engine.forward import denoise_rows, encode_row  # noqa: E402
+from dgemma.engine.graphs import GraphRunner  # noqa: E402
 from dgemma.engine.kv_cache import StaticKVCache  # noqa: E402
-from dgemma.engine.runner import denoise_rows, encode_row  # noqa: E402
 from dgemma.model.init import preset_config, random_model  # noqa: E402
 
 RESULTS: dict = {}
@@ -75,7 +76,7 @@ def correctness(device):
         outputs = {}
         for capture in (False, True) if torch.device(device).type == "cuda" else (False,):
             engine = Engine(model, EngineConfig(3, 256))
-            engine._graphs = StepGraphs(engine, capture=capture)
+            engine.runner = GraphRunner(engine, capture=capture)
             outputs[capture] = [r.output for r in engine.generate(prompts, gen, [7, 8, 9])]
         agree = [sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
                  for a, b in zip(outputs[False], batched, strict=True)]

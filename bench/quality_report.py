@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from dgemma.config import DataConfig
 from dgemma.model.loading import load_model, read_generation_config
 from dgemma.sampler.autoregressive import generate_autoregressive
 from dgemma.sampler.reference import generate
 from dgemma.tokenizer import Tokenizer
-from dgemma.train.loop import Corpus, TrainConfig, _step_generator
+from dgemma.train.loop import Corpus, _step_generator
 from dgemma.train.objective import objective
 
 PROMPTS = [("chat", "What is AI?"), ("chat", "Quote Genesis 1:3."), ("chat", "Tell me a joke."),
@@ -25,8 +26,7 @@ PROMPTS = [("chat", "What is AI?"), ("chat", "Quote Genesis 1:3."), ("chat", "Te
 
 
 def heldout_losses(model, tok, data: Path, batches: int) -> dict:
-    cfg = TrainConfig(canvas_length=model.config.canvas_length, batch_size=16)
-    corpus = Corpus(data, "val", tok, cfg)
+    corpus = Corpus(data, "val", tok, DataConfig(batch_size=16), model.config.canvas_length)
     ar, ce = [], {t: [] for t in (0.1, 0.25, 0.5, 0.75, 1.0)}
     with torch.no_grad():
         for i in range(batches):

@@ -18,9 +18,9 @@ import torch
 import uvicorn
 
 from dgemma.bundled import resolve_model
-from dgemma.engine.engine import EngineConfig
+from dgemma.config import EngineConfig, ServerConfig
 from dgemma.model.loading import load_model, read_generation_config
-from dgemma.server.api import ServerConfig, create_app
+from dgemma.server.api import create_app
 from dgemma.tokenizer import Tokenizer
 
 PROMPTS = ["What is AI?", "Quote Genesis 1:3.", "Tell me a joke.", "Who are you?", "What is love?"]
@@ -82,7 +82,7 @@ def main():
     model, _ = load_model(path)
     gen = read_generation_config(path, model.config)
     levels = [int(x) for x in args.levels.split(",")]
-    app = create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(model_name="bench", max_queue=256),
+    app = create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(served_model_name="bench", max_queue=256),
                      EngineConfig(max_batch=max(levels), max_context=1024, compile=args.compile))
     server, thread, port = start(app)
     try:

@@ -1,7 +1,8 @@
 """Chat sessions: the KV cache is reused across turns and gives the same answer as re-encoding."""
 
 from dgemma.chat import ChatSession
-from dgemma.engine.engine import Engine, EngineConfig
+from dgemma.config import EngineConfig
+from dgemma.engine.engine import Engine
 from dgemma.model.loading import load_model, read_generation_config
 from dgemma.tokenizer import Tokenizer
 

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from dgemma.config import GenerationConfig
+from dgemma.config import EngineConfig, GenerationConfig
 from dgemma.engine import rng
-from dgemma.engine.engine import Engine, EngineConfig, Request
+from dgemma.engine.engine import Engine, GenerationRequest
+from dgemma.engine.forward import denoise_rows, encode_row
 from dgemma.engine.kv_cache import StaticKVCache
-from dgemma.engine.runner import denoise_rows, encode_row
 from dgemma.engine.sampler import fused_sample
+from dgemma.engine.weights import Linear
 from dgemma.model.init import preset_config, random_model
 from dgemma.model.loading import load_model
 from dgemma.sampler.entropy_bound import accept_mask, token_entropy
@@ -53,10 +54,11 @@ def test_fused_sampler_matches_reference_pieces():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 32, 64, generator=g) * 2
     temps = torch.tensor([0.8, 0.45])
-    out = fused_sample(hidden, model.stack.embed_tokens.weight, model.config.embed_scale, 30.0, temps,
+    embed = model.stack.embed_tokens.weight
+    out = fused_sample(hidden, Linear(embed), Linear(embed.T), model.config.embed_scale, 30.0, temps,
                        torch.rand(2, 32, generator=g), chunk=24)
     processed = model.logits(hidden) / temps[:, None, None]
-    assert torch.equal(out.argmax, processed.argmax(-1))
+    assert torch.equal(out.argmax_canvas, processed.argmax(-1))
     torch.testing.assert_close(out.entropy, token_entropy(processed), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.soft_embeds, model.soft_embed(processed), atol=1e-5, rtol=1e-5)
     assert torch.equal(accept_mask(out.entropy, 0.1), accept_mask(token_entropy(processed), 0.1))
@@ -68,7 +70,7 @@ def test_fused_sampler_frequencies_match_distribution():
     weight = torch.randn(vocab, h, generator=g)
     hidden = torch.randn(1, 1, h, generator=g).expand(1, 20000, h).contiguous()
     u = rng.uniform(torch.tensor([7]), torch.tensor([0]), torch.tensor([1]), 20000, 1)
-    out = fused_sample(hidden, weight, 1.0, None, torch.tensor([0.7]), u, chunk=4096)
+    out = fused_sample(hidden, Linear(weight), Linear(weight.T), 1.0, None, torch.tensor([0.7]), u, chunk=4096)
     probs = torch.softmax((hidden[0, 0] @ weight.T) / 0.7, -1)
     freq = torch.bincount(out.sampled.flatten(), minlength=vocab).float() / 20000
     assert (freq - probs).abs().max() < 0.015
@@ -104,7 +106,7 @@ def test_batch_invariance_and_exact_lengths():
 def test_same_logits_same_tokens_steps_and_eos(hf_checkpoint, monkeypatch):
     """With a denoiser that is sure of a target (both paths see the same logits), the engine and the
     reference accept, stop, commit and end at EOS identically."""
-    import dgemma.engine.engine as engine_module
+    import dgemma.engine.step as step_module
 
     _, path = hf_checkpoint("base")
     model, _ = load_model(path)
@@ -119,7 +121,7 @@ def test_same_logits_same_tokens_steps_and_eos(hf_checkpoint, monkeypatch):
         return 100.0 * weight[t] / weight[t].norm(dim=-1, keepdim=True)  # (C, H)
 
     monkeypatch.setattr(model, "denoise", lambda canvas, cache, sc=None: model.logits(hidden_for(cache.length)[None]))
-    monkeypatch.setattr(engine_module, "denoise_rows", lambda m, cache, canvas, soft, fw=None: torch.stack(
+    monkeypatch.setattr(step_module, "denoise", lambda m, w, cache, canvas, soft, inputs: torch.stack(
         [hidden_for(n) for n in cache.lengths[:len(canvas)]]))
     gen = GenerationConfig(max_new_tokens=3 * c, max_denoising_steps=12, eos_token_ids=(1,), pad_token_id=0)
     torch.manual_seed(0)
@@ -138,21 +140,21 @@ def test_engine_eos_cancel_and_validation():
     assert req.finish_reason == "stop" and len(req.output) < 64  # EOS ends the request
     seen = []
     long_gen = gen.replace(eos_token_ids=(), max_new_tokens=96)
-    r1 = engine.submit(Request(prompt=[2, 3], gen=long_gen, on_tokens=lambda r, t: seen.append(len(t))))
+    r1 = engine.submit(GenerationRequest(prompt=[2, 3], gen=long_gen, on_tokens=lambda r, t: seen.append(len(t))))
     engine.step()
     r1.cancelled = True
     engine.step()
     assert r1.finish_reason == "cancelled" and not engine.has_work()
     with pytest.raises(ValueError, match="must lie in"):
-        engine.submit(Request(prompt=[2, 10**6], gen=gen))
+        engine.submit(GenerationRequest(prompt=[2, 10**6], gen=gen))
     with pytest.raises(ValueError, match="context slots"):
-        engine.submit(Request(prompt=[2] * 100, gen=gen.replace(max_new_tokens=200)))
+        engine.submit(GenerationRequest(prompt=[2] * 100, gen=gen.replace(max_new_tokens=200)))
 
 
 @pytest.mark.parametrize("stability", [0, 1, 3])
 def test_stopping_rule_matches_reference(hf_checkpoint, monkeypatch, stability):
     """The argmax changes for the first 3 calls of every canvas, then settles: both paths stop at the same step."""
-    import dgemma.engine.engine as engine_module
+    import dgemma.engine.step as step_module
 
     _, path = hf_checkpoint("base")
     model, _ = load_model(path)
@@ -168,7 +170,7 @@ def test_stopping_rule_matches_reference(hf_checkpoint, monkeypatch, stability):
         return model.logits(hidden("ref")[None])
 
     monkeypatch.setattr(model, "denoise", ref_denoise)
-    monkeypatch.setattr(engine_module, "denoise_rows", lambda m, cache, canvas, soft, fw=None: hidden("fast")[None])
+    monkeypatch.setattr(step_module, "denoise", lambda m, w, cache, canvas, soft, inputs: hidden("fast")[None])
     gen = GenerationConfig(max_new_tokens=c, max_denoising_steps=12, stability_threshold=stability)
     torch.manual_seed(0)
     ref = generate(model, torch.tensor([[2, 9]]), gen)
@@ -180,15 +182,16 @@ def test_stopping_rule_matches_reference(hf_checkpoint, monkeypatch, stability):
 
 
 def test_grouped_experts_match_reference():
-    from dgemma.engine.runner import _experts, _grouped_ok
+    from dgemma.engine.weights import GroupedExperts
 
     config = preset_config("tiny", num_experts=32, top_k_experts=4, moe_intermediate_size=32)
     model = random_model(config, seed=6)
     experts, router = model.stack.layers[0].experts, model.stack.layers[0].router
     x = torch.randn(40, config.hidden_size)
     weights, ids = router(x)
-    assert _grouped_ok(experts, x)
-    torch.testing.assert_close(_experts(experts, x, ids, weights), experts(x, ids, weights), atol=1e-5, rtol=1e-5)
+    grouped = GroupedExperts(experts)
+    assert grouped._grouped_ok(x)
+    torch.testing.assert_close(grouped(x, ids, weights), experts(x, ids, weights), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -220,14 +223,14 @@ def test_compiled_forward_matches_eager():
 
 def test_fewer_host_syncs_same_tokens(hf_checkpoint, monkeypatch):
     """sync_every > 1: rows that stop between syncs are frozen on the device, then committed: same output."""
-    import dgemma.engine.engine as engine_module
+    import dgemma.engine.step as step_module
 
     _, path = hf_checkpoint("base")
     model, _ = load_model(path)
     c, weight = model.config.canvas_length, model.stack.embed_tokens.weight
     calls = {}
 
-    def hidden(m, cache, canvas, soft, fw=None):  # each row's argmax settles after a row-specific number of calls
+    def hidden(m, w, cache, canvas, soft, inputs):  # each row's argmax settles after a row-specific number of calls
         out = []
         for n in cache.lengths[: len(canvas)]:  # the context length identifies request and canvas here
             calls[n] = calls.get(n, 0) + 1
@@ -235,7 +238,7 @@ def test_fewer_host_syncs_same_tokens(hf_checkpoint, monkeypatch):
             out.append(100.0 * weight[t] / weight[t].norm(dim=-1, keepdim=True))
         return torch.stack(out)
 
-    monkeypatch.setattr(engine_module, "denoise_rows", hidden)
+    monkeypatch.setattr(step_module, "denoise", hidden)
     gen = GenerationConfig(max_new_tokens=3 * c, max_denoising_steps=12, eos_token_ids=())
     prompts = [[2, 5], [2, 6, 7], [2, 8, 9, 10]]
     results = []
@@ -248,8 +251,10 @@ def test_fewer_host_syncs_same_tokens(hf_checkpoint, monkeypatch):
 
 
 def test_static_shape_forward_matches_dynamic():
-    """`denoise_rows_static` (the forward inside the CUDA graphs) equals `denoise_rows`, padding rows included."""
-    from dgemma.engine.runner import denoise_rows_static
+    """The forward inside the CUDA graphs (every context slot, always masked) equals the exact-context one,
+    padding rows included."""
+    from dgemma.engine.forward import denoise, masked_inputs
+    from dgemma.engine.weights import pack_weights
 
     model = _model(seed=9, sliding_window=12, canvas_length=8)
     cache = StaticKVCache(model.config, 4, 128, "cpu", torch.float32)
@@ -261,7 +266,8 @@ def test_static_shape_forward_matches_dynamic():
     dynamic = denoise_rows(model, cache, canvas, soft)
     padded_canvas = torch.cat([canvas, torch.zeros(1, 8, dtype=torch.long)])
     padded_soft = torch.cat([soft, torch.zeros(1, 8, soft.shape[-1])])
-    static = denoise_rows_static(model, cache, padded_canvas, padded_soft, torch.tensor([5, 30, 11, 0]))
+    inputs = masked_inputs(cache, torch.tensor([5, 30, 11, 0]), torch.arange(8 + cache.max_context))
+    static = denoise(model, pack_weights(model), cache, padded_canvas, padded_soft, inputs)
     torch.testing.assert_close(static[:3], dynamic, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="CUDA"):
         Engine(model, EngineConfig(max_batch=2, max_context=64, cuda_graphs=True))
@@ -271,7 +277,7 @@ def test_whole_step_graph_body_generates_as_the_eager_engine():
     """`StepGraphs` with capture=False runs the body the CUDA graphs record (forward over every context slot,
     sampler, state update, per batch bucket with padding rows): same steps and tokens as the eager engine,
     with requests of different lengths joining and leaving (batch 3 -> bucket 4, then 2, then 1)."""
-    from dgemma.engine.engine import StepGraphs
+    from dgemma.engine.graphs import GraphRunner
 
     model = _model(seed=12, sliding_window=12, canvas_length=8)
     prompts = [[2, 5, 6], [2, 9], [2, 7, 7, 7, 3], [2, 4]]
@@ -280,12 +286,12 @@ def test_whole_step_graph_body_generates_as_the_eager_engine():
     def run(graphs: bool):
         engine = Engine(model, EngineConfig(max_batch=4, max_context=128))
         if graphs:
-            engine._graphs = StepGraphs(engine, capture=False)
-        requests = [engine.submit(Request(prompt=p, gen=GenerationConfig(max_new_tokens=n, max_denoising_steps=3,
-                                                                         eos_token_ids=()), seed=i))
-                    for i, (p, n) in enumerate(zip(prompts[:3], lengths, strict=False))]
+            engine.runner = GraphRunner(engine, capture=False)
+        requests = [engine.submit(GenerationRequest(prompt=p, seed=i, gen=GenerationConfig(
+            max_new_tokens=n, max_denoising_steps=3, eos_token_ids=()))) for i, (p, n) in enumerate(zip(
+                prompts[:3], lengths, strict=False))]
         engine.step()
-        requests.append(engine.submit(Request(prompt=prompts[3], gen=GenerationConfig(
+        requests.append(engine.submit(GenerationRequest(prompt=prompts[3], gen=GenerationConfig(
             max_new_tokens=lengths[3], max_denoising_steps=3, eos_token_ids=()), seed=3)))
         while engine.has_work():
             engine.step()
@@ -297,53 +303,60 @@ def test_whole_step_graph_body_generates_as_the_eager_engine():
         assert sum(x == y for x, y in zip(eager.output, graph.output, strict=True)) >= 0.95 * len(eager.output)
 
 
-def test_packed_weights_keep_the_model_and_its_checkpoint(tmp_path):
-    """fast_weights re-points the parameters at packed (CPU: input-major) storage: same values, same
-    reference logits, same saved checkpoint; replacing the parameters rebuilds the packing."""
-    from dgemma.engine.runner import fast_weights
+def test_packed_weights_leave_the_model_as_it_is_and_follow_its_changes(tmp_path):
+    """The engine's packed weights (CPU: input-major copies, MKL packs, the folded FFN input) never touch the
+    model's parameters (same objects, same storage, same checkpoint); they notice in-place updates (every folded
+    vector included), replaced parameters and dtype changes, and an engine re-packs before admitting requests."""
+    from dgemma.engine.forward import encode_canvas  # noqa: F401 - the packed products are used by both passes
+    from dgemma.engine.weights import pack_weights
     from dgemma.model.loading import save_model
 
     model = _model(seed=11)
+    params = {k: (p, p.data_ptr(), p.is_contiguous()) for k, p in model.named_parameters()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cache = model.new_cache()
-    model.encode(torch.tensor([[2, 7, 9, 4]]), cache)
-    canvas = torch.randint(0, model.config.vocab_size, (1, model.config.canvas_length))
-    ref = model.denoise(canvas, cache)
-    fw = fast_weights(model)
+    w = pack_weights(model)
     attn = model.stack.layers[0].self_attn
-    assert attn.q_proj.weight.untyped_storage().data_ptr() == fw.layers[0].qkv.untyped_storage().data_ptr()
-    assert not attn.q_proj.weight.is_contiguous()  # input-major on CPU
+    assert w.packed and w.layers[0].qkv.weight.data_ptr() != attn.q_proj.weight.data_ptr()
+    assert not w.layers[0].qkv.weight.is_contiguous()  # input-major on CPU
+    assert all(p is params[k][0] and p.data_ptr() == params[k][1] and p.is_contiguous() == params[k][2]
+               for k, p in model.named_parameters())
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    torch.testing.assert_close(model.denoise(canvas, cache), ref, atol=1e-5, rtol=1e-5)
-    save_model(model, tmp_path)
-    reloaded, _ = load_model(tmp_path)
+    save_model(model, tmp_path / "ckpt")
+    reloaded, _ = load_model(tmp_path / "ckpt")
     assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
-    assert fast_weights(model) is fw  # cached
-    assert fw.mkl and fw.layers[0].mkl  # fp32 CPU (MKL): packed copies too, stale after an in-place update
+    assert w.valid(model) and w.layers[0].qkv.mkl is not None  # fp32 CPU (MKL): packed copies too
     with torch.no_grad():
         model.stack.layers[1].mlp.up_proj.weight.mul_(2.0)
-    assert fast_weights(model) is not fw
-    fw = fast_weights(model)
-    # the FFN input products in one GEMM, norm weights and router scale folded in: updates to those count too
-    assert all(lw.ffn_in is not None for lw in fw.layers)
+    assert not w.valid(model)
+    w = pack_weights(model)
+    assert all(lw.ffn_in is not None for lw in w.layers)  # the FFN input products in one GEMM
     for vector in ("pre_feedforward_layernorm.weight", "pre_feedforward_layernorm_2.weight", "router.scale"):
         with torch.no_grad():
             model.stack.layers[0].get_parameter(vector).mul_(1.5)
-        assert fast_weights(model) is not fw
-        fw = fast_weights(model)
+        assert not w.valid(model)
+        w = pack_weights(model)
+    engine = Engine(model, EngineConfig(max_batch=1, max_context=64))
+    mlp = model.stack.layers[0].mlp
+    mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight.detach() * -1.0)  # replaced
+    engine.submit(GenerationRequest(prompt=[2, 7], gen=GenerationConfig(max_new_tokens=4, max_denoising_steps=1)))
+    engine.step()
+    assert engine.weights.valid(model)  # re-packed on admission
+    w = pack_weights(model)
     fast_cache = StaticKVCache(model.config, 1, 64, "cpu", torch.float32)  # the fast forward sees the updates
-    encode_row(model, fast_cache, 0, torch.tensor([[2, 7, 9, 4]]))
+    encode_row(model, fast_cache, 0, torch.tensor([[2, 7, 9, 4]]), w)
     ref_cache = model.new_cache()
     model.encode(torch.tensor([[2, 7, 9, 4]]), ref_cache)
+    canvas = torch.randint(0, model.config.vocab_size, (1, model.config.canvas_length))
     no_signal = torch.zeros(1, canvas.shape[1], model.config.hidden_size)  # a canvas's first step
-    fast = model.logits(denoise_rows(model, fast_cache, canvas, no_signal))
+    fast = model.logits(denoise_rows(model, fast_cache, canvas, no_signal, w))
     torch.testing.assert_close(fast, model.denoise(canvas, ref_cache), atol=1e-5, rtol=1e-5)
     model.double()
-    assert fast_weights(model) is not fw and fast_weights(model).layers[0].qkv.dtype == torch.float64
+    assert not w.valid(model) and pack_weights(model).layers[0].qkv.weight.dtype == torch.float64
     model.float()
-    with torch.inference_mode():  # (re)packed inside an engine step: still ordinary, trainable parameters
-        fast_weights(model)
+    with torch.inference_mode():  # packed inside an engine step: ordinary tensors, parameters untouched
+        w = pack_weights(model)
+    assert not w.layers[0].qkv.weight.is_inference()
     assert not model.stack.layers[0].self_attn.q_proj.weight.is_inference()
 
 
@@ -352,10 +365,11 @@ def test_canvas_commit_pass_matches_encode_row(window, canvas, prompt):
     """`encode_canvas` (the compiled engine's commit pass: new K/V in the canvas slots, a causal mask over
     them, then copied into context slots / the ring) writes the cache `encode_row` writes; windows both
     wider and narrower than the canvas, rings filled and wrapping."""
-    from dgemma.engine.runner import encode_canvas, fast_weights
+    from dgemma.engine.forward import encode_canvas
+    from dgemma.engine.weights import pack_weights
 
     model = _model(sliding_window=window, canvas_length=canvas)
-    fw = fast_weights(model)
+    fw = pack_weights(model)
     caches = [StaticKVCache(model.config, 2, 256, "cpu", torch.float32) for _ in range(2)]
     g = torch.Generator().manual_seed(window)
     ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=g)
@@ -431,34 +445,36 @@ def test_runner_bf16_error_is_the_reference_own_bf16_error(seed):
 
 @pytest.mark.parametrize("compile_forms", [False, True])
 def test_masked_forward_and_advance_match_the_eager_step(monkeypatch, compile_forms):
-    """The body that --compile captures (always-masked forward + advance) equals the eager step's pieces,
+    """The body that --compile captures (always-masked forward + state update) equals the eager step's pieces,
     for rows with different contexts and unfilled sliding windows; `compile_forms`: with the exp-based tanh
     and GELU the body uses when traced for a CPU."""
-    from dgemma.engine.engine import _denoise_and_advance, advance
-    from dgemma.engine.runner import fast_weights
+    from dgemma.engine.forward import masked_inputs
+    from dgemma.engine.step import masked_step, update_state
 
     model = _model(seed=12, sliding_window=12, canvas_length=8)
     gen = GenerationConfig(max_new_tokens=16, max_denoising_steps=4, eos_token_ids=())
     engine = Engine(model, EngineConfig(max_batch=3, max_context=128))
     for i, n in enumerate([3, 20, 9]):
-        engine.submit(Request(prompt=list(range(2, 2 + n)), gen=gen, seed=i))
+        engine.submit(GenerationRequest(prompt=list(range(2, 2 + n)), gen=gen, seed=i))
     engine.step()  # admit, prefill, one step: a non-zero soft embedding and history
     b = len(engine.rows)
-    st = {k: v[:b] for k, v in engine.state.items()}
-    fw = fast_weights(model)
+    state, settings = engine.views(b)
+    w = engine.weights
     lengths = engine.cache.lengths[:b]
-    eager = advance(model, fw.head, denoise_rows(model, engine.cache, st["canvas"], st["soft"]), st,
-                    engine.embed_scale, 1024, fw.mkl)
+    hidden = denoise_rows(model, engine.cache, state.canvas, state.soft, w)
+    eager = update_state(model, w, hidden, state, settings, 1024).tensors()
+    body_state = state.clone()
     if compile_forms:
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    body = _denoise_and_advance(model, fw, engine.cache, st, torch.tensor(lengths),
-                                torch.arange(8 + max(lengths)), engine.embed_scale, 1024)
+    masked_step(model, w, engine.cache, body_state, settings, torch.tensor(lengths), torch.arange(8 + max(lengths)),
+                1024)
     monkeypatch.undo()
-    for key in eager:
+    assert masked_inputs(engine.cache, torch.tensor(lengths), torch.arange(8 + max(lengths))).full_mask is not None
+    for key, value in body_state.tensors().items():
         if key == "soft":
-            torch.testing.assert_close(body[key], eager[key], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(value, eager[key], atol=1e-5, rtol=1e-5)
         else:
-            assert torch.equal(body[key], eager[key]), key
+            assert torch.equal(value, eager[key]), key
 
 
 def test_warm_up_leaves_an_idle_engine_that_generates_as_a_fresh_one():
@@ -475,8 +491,8 @@ def test_warm_up_leaves_an_idle_engine_that_generates_as_a_fresh_one():
 
 def test_compiled_tanh_and_gelu_forms_match_aten(monkeypatch):
     """The exp-based tanh (logit soft cap) and GELU that a CPU graph uses, against ATen's."""
-    from dgemma.engine.runner import gelu_tanh
-    from dgemma.engine.sampler import _tanh
+    from dgemma.engine.ops import gelu_tanh
+    from dgemma.engine.ops import tanh_ as _tanh
 
     x = torch.cat([torch.linspace(-60, 60, 24001), torch.tensor([0.0, -0.0, 1e-30, -1e-8, 3e-4, -88.0, 90.0])])
     want_tanh = torch.tanh(x)
@@ -491,7 +507,7 @@ def test_compiled_tanh_and_gelu_forms_match_aten(monkeypatch):
 def test_rank_based_acceptance_and_top_k_match_the_sorting_versions(monkeypatch):
     """The compiled step's sort-free acceptance and max-based expert choice against accept_mask (with a
     stable sort) and torch.topk: random entropies, zeros, ties across the bound, bounds 0 and large."""
-    from dgemma.engine.runner import _top_k
+    from dgemma.engine.ops import top_k as _top_k
     from dgemma.engine.sampler import accept_by_rank
 
     g = torch.Generator().manual_seed(3)
@@ -516,7 +532,8 @@ def test_rank_based_acceptance_and_top_k_match_the_sorting_versions(monkeypatch)
 
 def test_mkl_packed_linear_matches_plain_linear():
     """`linear` through MKL's packed copy equals F.linear for any row count (it is packed for 32)."""
-    from dgemma.engine.runner import _mkl_pack, linear
+    from dgemma.engine.weights import linear
+    from dgemma.engine.weights import mkl_pack as _mkl_pack
 
     if not torch.backends.mkl.is_available():
         pytest.skip("this torch build has no MKL")
@@ -532,10 +549,10 @@ def _poison(monkeypatch, seed):
     """A fault injected into the step of any batch that holds the request with this seed."""
     original = Engine._step_rows
 
-    def step_rows(self, rows, cache, st):
+    def step_rows(self, rows, alone=None):
         if any(r.request.seed == seed for r in rows):
             raise RuntimeError("injected fault")
-        return original(self, rows, cache, st)
+        return original(self, rows, alone)
 
     monkeypatch.setattr(Engine, "_step_rows", step_rows)
 
@@ -549,7 +566,8 @@ def test_a_failing_row_fails_alone_and_the_others_are_unchanged(monkeypatch):
     _poison(monkeypatch, 666)
     told = []
     engine = Engine(model, EngineConfig(max_batch=3, max_context=256))
-    reqs = [engine.submit(Request(prompt=p, gen=gen, seed=s, on_tokens=lambda r, t: told.append((r.seed, r.done))))
+    reqs = [engine.submit(GenerationRequest(prompt=p, gen=gen, seed=s,
+                                            on_tokens=lambda r, t: told.append((r.seed, r.done))))
             for p, s in zip(prompts, seeds, strict=True)]
     while engine.has_work():
         engine.step()
@@ -574,16 +592,16 @@ def test_callback_and_prefill_failures_fail_their_request_only(monkeypatch):
 
     original = engine_module.encode_row
 
-    def encode_row(model, cache, row, ids, fw=None):
+    def encode_row(model, cache, row, ids, weights=None):
         if ids.shape[1] == 7:
             raise RuntimeError("prefill fault")
-        return original(model, cache, row, ids, fw=fw)
+        return original(model, cache, row, ids, weights)
 
     monkeypatch.setattr(engine_module, "encode_row", encode_row)
     engine = Engine(model, EngineConfig(max_batch=3, max_context=256))
-    good = engine.submit(Request(prompt=[2, 3], gen=gen, seed=5))
-    cb = engine.submit(Request(prompt=[2, 4], gen=gen, seed=6, on_tokens=bad_callback))
-    pre = engine.submit(Request(prompt=[2] * 7, gen=gen, seed=7))
+    good = engine.submit(GenerationRequest(prompt=[2, 3], gen=gen, seed=5))
+    cb = engine.submit(GenerationRequest(prompt=[2, 4], gen=gen, seed=6, on_tokens=bad_callback))
+    pre = engine.submit(GenerationRequest(prompt=[2] * 7, gen=gen, seed=7))
     while engine.has_work():
         engine.step()
     assert good.output == ref and good.finish_reason == "length"
@@ -604,7 +622,7 @@ def test_bad_requests_are_refused_at_submit(change, message):
     engine = Engine(model, EngineConfig(max_batch=2, max_context=256))
     kw = dict(prompt=[2, 3], gen=GenerationConfig(max_new_tokens=8, eos_token_ids=()), seed=1) | change
     with pytest.raises(ConfigError, match=message):
-        engine.submit(Request(**kw))
+        engine.submit(GenerationRequest(**kw))
     assert not engine.waiting
 
 
@@ -617,3 +635,73 @@ def test_generation_settings_out_of_range_are_refused():
                 dict(max_new_tokens=True), dict(stability_threshold=-1)):
         with pytest.raises(ConfigError):
             gen.replace(**bad)
+
+
+def _forbid(ids):
+    """A logits processor that rules out `ids` at every position."""
+    def processor(x, start):
+        x[:, ids] = float("-inf")
+        return x
+    return processor
+
+
+def test_logits_processor_hook_is_the_same_in_both_samplers():
+    """The per-position hook: the fused sampler with a processor equals the reference pieces with it (argmax,
+    entropy, acceptance, soft embeddings, sampled tokens never ruled out), in one chunk or several; identity
+    changes nothing."""
+    from dgemma.sampler.entropy_bound import apply_processor
+
+    model = _model()
+    embed = model.stack.embed_tokens.weight
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 32, 64, generator=g) * 2
+    temps, u = torch.tensor([0.8, 0.45]), torch.rand(2, 32, generator=g)
+    processed = model.logits(hidden) / temps[:, None, None]
+    banned = processed.argmax(-1).flatten().unique()[:5].tolist()  # the likeliest tokens: a real change
+    for processor in (None, lambda x, start: x, _forbid(banned)):
+        for chunk in (24, 4096):
+            out = fused_sample(hidden, Linear(embed), Linear(embed.T), model.config.embed_scale, 30.0, temps, u,
+                               chunk, processor)
+            ref = apply_processor(processed.clone(), processor)
+            assert torch.equal(out.argmax_canvas, ref.argmax(-1))
+            torch.testing.assert_close(out.entropy, token_entropy(ref), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.soft_embeds, model.soft_embed(ref), atol=1e-5, rtol=1e-5)
+            assert torch.equal(accept_mask(out.entropy, 0.1), accept_mask(token_entropy(ref), 0.1))
+            if processor is not None and processor(torch.zeros(1, 512), 0).isinf().any():
+                assert not torch.isin(out.sampled, torch.tensor(banned)).any()
+    assert not torch.equal(fused_sample(hidden, Linear(embed), Linear(embed.T), model.config.embed_scale, 30.0,
+                                        temps, u, 4096, _forbid(banned)).argmax_canvas, processed.argmax(-1))
+
+
+def test_reference_sampler_hook_identity_keeps_parity_and_masks_hold(hf_checkpoint):
+    _, path = hf_checkpoint("base")
+    model, _ = load_model(path)
+    gen = GenerationConfig(max_new_tokens=32, max_denoising_steps=4, eos_token_ids=(1,))
+    prompt = torch.tensor([[2, 30, 31]])
+    torch.manual_seed(5)
+    plain = generate(model, prompt, gen)
+    torch.manual_seed(5)
+    same = generate(model, prompt, gen, processor=lambda x, start: x)
+    assert same.token_ids == plain.token_ids and same.steps == plain.steps
+    banned = list(range(100, 300))
+    torch.manual_seed(5)
+    masked = generate(model, prompt, gen, processor=_forbid(banned))
+    assert not set(masked.sequences[0, 3:].tolist()) & set(banned)
+
+
+def test_encoder_takes_input_embeddings(hf_checkpoint):
+    """The input-embeddings path (where image embeddings go): embeddings of ids give the ids' cache and hidden
+    states, in the reference model and in the engine's prefill."""
+    _, path = hf_checkpoint("base")
+    model, _ = load_model(path)
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    a, b = model.new_cache(), model.new_cache()
+    ha = model.encode(ids, a, return_hidden=True)
+    hb = model.encode(None, b, return_hidden=True, inputs_embeds=model.stack.embed(ids))
+    assert torch.equal(ha, hb) and a.length == b.length == 5
+    assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True))
+    caches = [StaticKVCache(model.config, 1, 64, "cpu", torch.float32) for _ in range(2)]
+    encode_row(model, caches[0], 0, ids)
+    encode_row(model, caches[1], 0, embeds=model.stack.embed(ids))
+    assert caches[0].lengths == caches[1].lengths == [5, 0][:1]
+    assert all(torch.equal(x, y) for x, y in zip(caches[0].keys, caches[1].keys, strict=True))

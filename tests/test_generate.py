@@ -5,7 +5,8 @@ import torch
 
 from dgemma.config import GenerationConfig
 from dgemma.model.loading import load_model, read_generation_config
-from dgemma.sampler.reference import generate, trim_generated
+from dgemma.sampler.entropy_bound import trim_generated
+from dgemma.sampler.reference import generate
 
 
 def _both(hf, ours, prompt, seed, gen: GenerationConfig, hf_wrap=None):

@@ -225,3 +225,44 @@ def test_released_config_matches_transformers_layout():
     assert our_shapes == hf_shapes
     assert ours.config.layer_types == hf_config.text_config.layer_types
     assert ours.model.decoder.layers[5].self_attn.v_proj is None  # K=V on full layers
+
+
+def test_loader_carries_non_float_tensors_with_their_dtypes(tmp_path):
+    """The loader's per-tensor dtype rule (the seam compressed layouts use): tensors the model declares in a
+    compute dtype take the load dtype; any other tensor (integer codes, fp8 values) keeps exactly its declared
+    dtype through save and load; a stored dtype that disagrees is refused, naming the tensor."""
+    from dgemma.model.modeling import DiffusionGemma
+
+    class WithCodes(DiffusionGemma):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.decoder.register_buffer("codes", torch.zeros(4, 8, dtype=torch.uint8))
+            self.model.decoder.fp8 = torch.nn.Parameter(torch.zeros(3, dtype=torch.float8_e4m3fn),
+                                                        requires_grad=False)
+
+    config = preset_config("tiny")
+    model = WithCodes(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float8_e4m3fn:
+                p.normal_(0, 0.02)
+        model.model.decoder.codes.copy_(torch.arange(32, dtype=torch.uint8).view(4, 8))
+        model.model.decoder.fp8.copy_(torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn))
+    model.stack.reset_buffers()
+    save_model(model, tmp_path / "a", dtype="bfloat16")
+    loaded, _ = load_model(tmp_path / "a", build=WithCodes, dtype="float32")
+    assert loaded.model.decoder.codes.dtype == torch.uint8
+    assert torch.equal(loaded.model.decoder.codes, model.model.decoder.codes)
+    assert loaded.model.decoder.fp8.dtype == torch.float8_e4m3fn
+    assert torch.equal(loaded.model.decoder.fp8.float(), model.model.decoder.fp8.float())
+    assert loaded.stack.embed_tokens.weight.dtype == torch.float32
+    with pytest.raises(CheckpointError, match="unexpected tensor"):  # the plain model declares no such tensor
+        load_model(tmp_path / "a")
+
+    class WrongDtype(WithCodes):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.decoder.register_buffer("codes", torch.zeros(4, 8, dtype=torch.int8))
+
+    with pytest.raises(CheckpointError, match="codes.*torch.uint8.*torch.int8"):
+        load_model(tmp_path / "a", build=WrongDtype)

@@ -34,7 +34,8 @@ def test_temperature_matches_transformers():
         for step in range(steps, 0, -1):
             ref = proc(None, logits, torch.tensor(step, dtype=torch.int32))
             assert torch.equal(logits / temperature(step, steps, 0.4, 0.8, logits.device), ref)
-    assert GenerationConfig().temperature(48) == pytest.approx(0.8)
+    gen = GenerationConfig()
+    assert temperature(48, 48, gen.t_min, gen.t_max) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("stability", [0, 1, 3])

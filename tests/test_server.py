@@ -9,9 +9,9 @@ import openai
 import pytest
 import uvicorn
 
-from dgemma.engine.engine import EngineConfig
+from dgemma.config import EngineConfig, ServerConfig
 from dgemma.model.loading import load_model, read_generation_config
-from dgemma.server.api import ServerConfig, create_app
+from dgemma.server.api import create_app
 from dgemma.tokenizer import Tokenizer
 
 
@@ -39,7 +39,7 @@ def _app(path, gen_overrides=None, **server_kw):
     model, _ = load_model(path)
     gen = read_generation_config(path, model.config).replace(max_denoising_steps=4, **(gen_overrides or {}))
     engine_kw = {k: server_kw.pop(k) for k in ("max_batch", "max_context") if k in server_kw}
-    return create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(model_name="tiny", **server_kw),
+    return create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(served_model_name="tiny", **server_kw),
                       EngineConfig(**{"max_batch": 4, "max_context": 256, **engine_kw}))
 
 
@@ -246,10 +246,10 @@ def test_a_request_failing_in_the_engine_fails_alone(checkpoint_with_tokenizer, 
 
     original = Engine._step_rows
 
-    def step_rows(self, rows, cache, st):
+    def step_rows(self, rows, alone=None):
         if any(r.request.seed == 666 for r in rows):
             raise RuntimeError("injected fault")
-        return original(self, rows, cache, st)
+        return original(self, rows, alone)
 
     monkeypatch.setattr(Engine, "_step_rows", step_rows)
     with _Server(_app(checkpoint_with_tokenizer)) as s:
@@ -272,8 +272,7 @@ def test_a_request_failing_in_the_engine_fails_alone(checkpoint_with_tokenizer, 
 
 
 def test_empty_api_key_is_refused():
-    from dgemma.config import UserError
-    from dgemma.server.api import ServerConfig
+    from dgemma.config import ServerConfig, UserError
 
     with pytest.raises(UserError, match="api_key"):
         ServerConfig(api_key="")

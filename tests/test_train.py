@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
+from dgemma.config import TrainConfig
 from dgemma.model.loading import load_model
 from dgemma.train.data import DOC_SEP, train_tokenizer
-from dgemma.train.loop import TrainConfig, train
+from dgemma.train.loop import train
 
 TEXT = ("the cat sat on the mat and the dog sat on the log. " * 3 + "a bird sang in the tree by the river. " * 2)
 
@@ -36,7 +37,7 @@ def _config(data_dirs, out, **kw):
                 max_prompt=8, max_canvases=2, steps=24, lr=1e-2, warmup=2, eval_every=12, eval_batches=1,
                 save_every=100, log_every=100)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.build(**base)
 
 
 def _weights(path):

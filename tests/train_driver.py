@@ -14,7 +14,8 @@ torch.set_num_threads(1)
 
 import dgemma.model.loading as loading  # noqa: E402
 import dgemma.train.checkpoint as checkpoint  # noqa: E402
-from dgemma.train.loop import TrainConfig, train  # noqa: E402
+from dgemma.config import TrainConfig  # noqa: E402
+from dgemma.train.loop import train  # noqa: E402
 
 delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
 
@@ -29,4 +30,4 @@ def _slow(save):
 
 loading.save_file = _slow(loading.save_file)
 checkpoint.save_file = _slow(checkpoint.save_file)
-train(TrainConfig(**json.loads(open(sys.argv[1]).read())))
+train(TrainConfig.from_dict(json.loads(open(sys.argv[1]).read())))

@@ -11,36 +11,14 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dgemma.config import ConfigError, GenerationConfig, ModelConfig, check_request
-from dgemma.engine.engine import Engine, EngineConfig, Request
+from dgemma.config import BenchConfig, ConfigError, EngineConfig, GenerationConfig, ModelConfig, check_request
+from dgemma.engine.engine import Engine, GenerationRequest
 from dgemma.model.modeling import DiffusionGemma
-
-
-@dataclass
-class BenchConfig:
-    prompt_tokens: int = 64
-    max_new_tokens: int = 256
-    batch: int = 1
-    max_denoising_steps: int | None = None  # None: the checkpoint's
-    confidence_threshold: float | None = None  # 0 = fixed steps (no early stop)
-    repeats: int = 3
-    warmup: int = 1
-    seed: int = 0
-    baseline: str | None = None  # None | "transformers" | "ar"
-    compile: bool = False  # torch.compile the engine's whole denoising step
-    cuda_graphs: bool = False  # replay the whole engine step as CUDA graphs
-
-    def __post_init__(self) -> None:
-        for name, low in (("prompt_tokens", 1), ("max_new_tokens", 1), ("batch", 1), ("repeats", 1), ("warmup", 0)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.baseline not in (None, "transformers", "ar"):
-            raise ConfigError(f"unknown baseline {self.baseline!r}; use 'transformers' or 'ar'")
+from dgemma.sampler.stats import GenerationStats
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +63,7 @@ def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -
         engine.nfe = 0
         _sync(device)
         t0 = time.perf_counter()
-        reqs = [engine.submit(Request(prompt=p, gen=gen, seed=cfg.seed + rep * 1000 + i))
+        reqs = [engine.submit(GenerationRequest(prompt=p, gen=gen, seed=cfg.seed + rep * 1000 + i))
                 for i, p in enumerate(prompts)]
         while engine.has_work():
             engine.step()
@@ -94,15 +72,14 @@ def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -
         if best is None or seconds < best[0]:
             best = (seconds, reqs, engine.nfe)
     seconds, reqs, nfe = best
-    tokens = sum(len(r.output) for r in reqs)
-    steps = [s for r in reqs for s in r.steps]
+    stats = GenerationStats(sum(len(r.output) for r in reqs), [s for r in reqs for s in r.steps], seconds)
     ttft = min(r.first_token_at for r in reqs) - min(r.submitted_at for r in reqs)
     ms_step = _time_step(model, engine, prompts, gen)  # one isolated step at this batch: ms/step, bandwidth
     weight_bytes = _weight_bytes_per_step(model, cfg.batch * model.config.canvas_length)
     return {
-        "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "ttft_s": ttft,
-        "ms_per_step": ms_step, "steps_per_canvas": sum(steps) / len(steps), "denoiser_calls": nfe,
-        "tokens_per_forward": tokens / max(1, sum(steps)), "weight_bytes_per_step": weight_bytes,
+        "tokens": stats.tokens, "seconds": seconds, "tokens_per_s": stats.tokens_per_s, "ttft_s": ttft,
+        "ms_per_step": ms_step, "steps_per_canvas": stats.steps_per_canvas, "nfe": nfe,
+        "tokens_per_forward": stats.tokens_per_forward, "weight_bytes_per_step": weight_bytes,
         "achieved_gb_per_s": weight_bytes / (ms_step / 1e3) / 1e9, "peak_memory_bytes": _peak_memory(device),
     }
 
@@ -111,7 +88,7 @@ def _time_step(model: DiffusionGemma, engine: Engine, prompts: list[list[int]], 
     """Median wall time of one engine step with every row denoising (no commits)."""
     fixed = gen.replace(max_denoising_steps=64, confidence_threshold=0.0, max_new_tokens=model.config.canvas_length)
     for i, p in enumerate(prompts):
-        engine.submit(Request(prompt=p, gen=fixed, seed=i))
+        engine.submit(GenerationRequest(prompt=p, gen=fixed, seed=i))
     engine.step()  # admits and runs the first step
     times = []
     for _ in range(8):

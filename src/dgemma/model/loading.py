@@ -48,7 +48,10 @@ _CHECKPOINT_FILES = {"config.json", "generation_config.json", INDEX_FILE, "train
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# tensors the model computes with: loaded in the compute dtype; every other tensor (integer codes, fp8 values,
+# scales of a compressed layout) is carried with exactly the dtype the model declares
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _TIED_PREFIXES = ("model.encoder.language_model.", "lm_head.")
@@ -195,11 +198,15 @@ def read_shard_metadata(directory: str | os.PathLike) -> dict[str, dict[str, str
 
 
 def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> tuple[DiffusionGemma, LoadReport]:
+               device: str | torch.device = "cpu", build: Callable[[ModelConfig], DiffusionGemma] | None = None
+               ) -> tuple[DiffusionGemma, LoadReport]:
     """Build the model on the meta device and fill it from the checkpoint in `directory`.
 
-    `dtype` defaults to the checkpoint's own dtype. Returns the model in eval mode and a report of
-    what was loaded, verified and left unused."""
+    `dtype` (default: the checkpoint's own) is the compute dtype: every tensor the model declares in a float
+    compute dtype is loaded in it; every other tensor must have exactly the dtype the model declares and keeps it
+    (`COMPUTE_DTYPES`). `build` makes the model from its config (default `DiffusionGemma`; a model with another
+    layout of some weights, e.g. compressed ones). Returns the model in eval mode and a report of what was
+    loaded, verified and left unused."""
     path = _check_directory(directory)
     config = read_model_config(path)
     if dtype is None:
@@ -211,7 +218,7 @@ def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None 
         raise CheckpointError(f"invalid device {device!r}: {exc}") from None
     by_key = _open_shards(path)
     with torch.device("meta"):
-        model = DiffusionGemma(config)
+        model = (build or DiffusionGemma)(config)
     report = LoadReport(directory=path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in by_key]
@@ -223,10 +230,7 @@ def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None 
         if list(src.entries[key][1]) != list(ref.shape):
             raise CheckpointError(f"{src.path.name}: tensor {key!r} has shape {src.entries[key][1]}, "
                                   f"config.json implies {list(ref.shape)}")
-        tensor = src.tensor(key)
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{src.path.name}: tensor {key!r} has non-float dtype {tensor.dtype}")
-        tensors[key] = tensor.to(device=device, dtype=target)
+        tensors[key] = _placed(src.tensor(key), ref.dtype, target, device, f"{src.path.name}: tensor {key!r}")
     report.loaded = len(tensors)
     _account_extra_keys(path, by_key, expected, tensors, report)
     model.load_state_dict(tensors, assign=True, strict=True)
@@ -237,6 +241,19 @@ def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None 
                     path, len(report.unused_vision))
     log.info("%s: %s", path, report.summary())
     return model.eval(), report
+
+
+def _placed(tensor: torch.Tensor, declared: torch.dtype, target: torch.dtype, device: torch.device,
+            what: str) -> torch.Tensor:
+    """A checkpoint tensor as the model holds it (see `load_model`)."""
+    if declared in COMPUTE_DTYPES:
+        if tensor.dtype not in COMPUTE_DTYPES:
+            raise CheckpointError(f"{what} has dtype {tensor.dtype}; the model computes with it in floating point "
+                                  "(a compressed checkpoint needs its quantization_config)")
+        return tensor.to(device=device, dtype=target)
+    if tensor.dtype != declared:
+        raise CheckpointError(f"{what} has dtype {tensor.dtype}, the model holds it as {declared}")
+    return tensor.to(device=device)
 
 
 def _account_extra_keys(path: Path, by_key: dict[str, _Shard], expected: dict, tensors: dict,
@@ -281,7 +298,8 @@ def save_model(model: DiffusionGemma, directory: str | os.PathLike, *,
     config = model.config
     dtype_name = parse_dtype(dtype) if dtype else _dtype_name_of(model.dtype)
     target = getattr(torch, dtype_name)
-    state = {k: v.detach().to("cpu", target).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", target if v.dtype in COMPUTE_DTYPES else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
     for i in range(config.num_hidden_layers):
         twin = state[f"model.decoder.layers.{i}.layer_scalar"]
         state[f"model.encoder.language_model.layers.{i}.layer_scalar"] = twin.clone()

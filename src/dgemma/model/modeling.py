@@ -272,21 +272,22 @@ class DiffusionGemma(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config)
 
-    def encode(self, ids: torch.Tensor, cache: KVCache | None = None, *,
-               return_hidden: bool = False) -> torch.Tensor | None:
-        """Causal pass over `ids` (B, S) at positions cache.length.., appending K/V to `cache`.
-        Returns the final-normed hidden states (B, S, H) when `return_hidden`, else None."""
+    def encode(self, ids: torch.Tensor | None, cache: KVCache | None = None, *, return_hidden: bool = False,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Causal pass over `ids` (B, S), or over `inputs_embeds` (B, S, H) given instead (the path image
+        embeddings take), at positions cache.length.., appending K/V to `cache`. Returns the final-normed hidden
+        states (B, S, H) when `return_hidden`, else None."""
         stack = self.stack
+        x = inputs_embeds if inputs_embeds is not None else stack.embed(ids)
         start = 0 if cache is None else cache.length
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        x = stack.embed(ids)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)[None]
         rope = stack.rope(positions, x.dtype)
         for layer in stack.layers:
             attn = layer.self_attn
             cos, sin = rope[SLIDING if attn.is_sliding else "full_attention"]
             x = layer(x, lambda h, a=attn, c=cos, s=sin: a.forward_encode(h, c, s, positions, cache))
         if cache is not None:
-            cache.advance(ids.shape[1])
+            cache.advance(positions.shape[1])
         return stack.norm(x) if return_hidden else None
 
     def soft_embed(self, self_cond_logits: torch.Tensor) -> torch.Tensor:

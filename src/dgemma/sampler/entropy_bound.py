@@ -1,26 +1,40 @@
-"""Pure tensor functions of the entropy-bounded sampler (reference notes section 2.2).
+"""The rules of the entropy-bounded sampler (reference notes section 2.2), one home for each, used by the
+reference sampler (the oracle) and by the engine alike.
 
-Each function does what transformers 5.24 does, with the same ops, so that given the same logits and
-the same random draws the results are bit-identical (tests/test_sampler.py injects logits):
-- `temperature`: t_min + (t_max - t_min) * (step / N), evaluated in fp32 as a 0-dim tensor;
+Each function does what transformers 5.24 does, with the same ops, so that given the same logits and the same
+random draws the results are bit-identical (tests/test_sampler.py injects logits):
+- `temperature`: the schedule t_min + (t_max - t_min) * (step / N), with `step` the steps remaining (N at a
+  canvas's first step, 1 at its last), in fp32 from an int32 step as transformers does;
 - `token_entropy`: entropy of softmax(processed logits) per position;
 - `accept_mask`: keep the k lowest-entropy positions with sum(H_1..H_k) - max(H_1..H_k) <= bound
   (at least one position is always accepted);
 - `stable_and_confident`: argmax unchanged for `stability_threshold` steps and mean entropy below the
-  confidence threshold.
+  confidence threshold;
+- `trim_generated`: the public answer, at most `max_new_tokens` ids ending before the first end id.
+`LogitsProcessor` is the per-position hook both samplers apply to the processed logits before anything is
+drawn from them (identity when absent): where grammar masks and top-k/top-p go.
 
 Shapes: B batch, C canvas_length, V vocab.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+# processor(logits (n, V) fp32, start) -> logits: the processed logits of flat (row-major over (B, C)) positions
+# start..start+n-1, edited in place or replaced; every position must keep at least one finite logit
+LogitsProcessor = Callable[[torch.Tensor, int], torch.Tensor]
 
-def temperature(step: int, max_steps: int, t_min: float, t_max: float, device: torch.device) -> torch.Tensor:
-    """Temperature at `step` remaining steps, as transformers computes it (int32 step / N in fp32)."""
-    step_t = torch.tensor(step, device=device, dtype=torch.int32)
-    return t_min + ((t_max - t_min) * (step_t / max_steps))
+
+def temperature(step, max_steps, t_min, t_max, device: torch.device | None = None):
+    """The temperature at `step` remaining steps of `max_steps`. Numbers give a number; with `device`, an int
+    `step` is made an int32 tensor there (the reference sampler's 0-dim fp32 temperature, as transformers); the
+    engine passes per-row tensors (B,) for all four."""
+    if device is not None:
+        step = torch.tensor(step, device=device, dtype=torch.int32)
+    return t_min + ((t_max - t_min) * (step / max_steps))
 
 
 def token_entropy(processed_logits: torch.Tensor) -> torch.Tensor:
@@ -51,3 +65,21 @@ def stable_and_confident(history: torch.Tensor | None, argmax_canvas: torch.Tens
         history[-1] = argmax_canvas
     confident = entropy.mean(dim=-1) < confidence_threshold
     return stable & confident, history
+
+
+def trim_generated(ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...]) -> tuple[list[int], str]:
+    """The public answer: at most `max_new_tokens` ids, ending before the first end id; with the finish reason
+    ("stop" at an end id, else "length")."""
+    eos = set(eos_ids)
+    for i, tok in enumerate(ids[:max_new_tokens]):
+        if tok in eos:
+            return ids[:i], "stop"
+    return ids[:max_new_tokens], "length"
+
+
+def apply_processor(processed: torch.Tensor, processor: LogitsProcessor | None) -> torch.Tensor:
+    """`processor` applied to processed logits (B, C, V) as the fused sampler applies it (flat positions)."""
+    if processor is None:
+        return processed
+    b, c, v = processed.shape
+    return processor(processed.reshape(b * c, v), 0).view(b, c, v)

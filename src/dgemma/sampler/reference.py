@@ -13,7 +13,9 @@ and the mean entropy is below the confidence threshold. The argmax canvas is com
 holding an EOS ends its row; tokens after the first EOS become pad.
 
 `generate` returns the transformers-shaped `sequences` (whole canvases) and, per row, the public
-answer: exactly `max_new_tokens` tokens at most, cut before the first EOS.
+answer: exactly `max_new_tokens` tokens at most, cut before the first EOS. An optional `LogitsProcessor`
+edits the processed logits before sampling, argmax and entropy (the hook the engine's fused sampler has too;
+identity by default, so parity is unchanged).
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ from dataclasses import dataclass
 
 import torch
 
-from dgemma.config import GenerationConfig
+from dgemma.config import ConfigError, GenerationConfig, check_request
 from dgemma.model.kv_cache import KVCache
 from dgemma.model.modeling import DiffusionGemma
-from dgemma.sampler.entropy_bound import accept_mask, stable_and_confident, temperature, token_entropy
+from dgemma.sampler.entropy_bound import (
+    LogitsProcessor,
+    accept_mask,
+    apply_processor,
+    stable_and_confident,
+    temperature,
+    token_entropy,
+    trim_generated,
+)
 
 
 @dataclass
@@ -37,8 +47,8 @@ class GenerationResult:
     token_ids: list[list[int]]  # generated ids, at most max_new_tokens, cut before the first EOS
     finish_reasons: list[str]  # "stop" (an EOS was generated) or "length"
     steps: list[list[int]]  # denoising steps of each canvas
-    passes: list[int]  # denoiser calls that counted for the row (transformers' definition)
-    tokens_per_forward: list[float]  # transformers' definition: non-pad new tokens / passes
+    nfe: list[int]  # denoiser calls that counted for the row (transformers' definition)
+    tokens_per_forward: list[float]  # transformers' definition: non-pad new tokens / nfe
 
     @property
     def canvases(self) -> int:
@@ -47,20 +57,22 @@ class GenerationResult:
 
 @torch.no_grad()
 def denoise_canvas(model: DiffusionGemma, cache: KVCache, gen: GenerationConfig, batch: int,
-                   finished_rows: torch.Tensor, canvas: torch.Tensor | None = None,
-                   self_cond_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the denoising loop of one canvas. Returns (argmax_canvas (B, C), passes per row (B,))."""
+                   done_rows: torch.Tensor, canvas: torch.Tensor | None = None,
+                   self_cond_logits: torch.Tensor | None = None, processor: LogitsProcessor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the denoising loop of one canvas. Returns (argmax_canvas (B, C), nfe per row (B,))."""
     vocab, length, device = model.config.vocab_size, model.config.canvas_length, model.device
     drawn = torch.randint(0, vocab, (batch, length), device=device)  # drawn even when a canvas is given
     canvas = drawn if canvas is None else canvas
     argmax_canvas = canvas
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    passes = torch.zeros(batch, dtype=torch.int, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    nfe = torch.zeros(batch, dtype=torch.int, device=device)
     history = None
     for step in range(gen.max_denoising_steps, 0, -1):
-        passes += ~(finished | finished_rows)
+        nfe += ~(stopped | done_rows)
         logits = model.denoise(canvas, cache, self_cond_logits)
         processed = logits / temperature(step, gen.max_denoising_steps, gen.t_min, gen.t_max, device)
+        processed = apply_processor(processed, processor)
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, length)
         new_argmax = torch.argmax(processed, dim=-1)
@@ -68,90 +80,77 @@ def denoise_canvas(model: DiffusionGemma, cache: KVCache, gen: GenerationConfig,
         accepted = accept_mask(entropy, gen.entropy_bound)
         noise = torch.randint(0, vocab, (batch, length), device=device)
         new_canvas = torch.where(accepted, sampled, noise)  # nothing stays locked across steps
-        if finished.any():  # sync: reference path; rows that stopped keep their state
-            new_argmax = torch.where(finished[:, None], argmax_canvas, new_argmax)
-            new_canvas = torch.where(finished[:, None], canvas, new_canvas)
-            processed = torch.where(finished[:, None, None], self_cond_logits, processed)
+        if stopped.any():  # sync: reference path; rows that stopped keep their state
+            new_argmax = torch.where(stopped[:, None], argmax_canvas, new_argmax)
+            new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
+            processed = torch.where(stopped[:, None, None], self_cond_logits, processed)
         stop, history = stable_and_confident(history, new_argmax, entropy, gen.stability_threshold,
                                              gen.confidence_threshold)
-        finished |= stop
+        stopped |= stop
         canvas, argmax_canvas = new_canvas, new_argmax
         self_cond_logits = processed.to(model.dtype)
-        if bool(finished.all()):  # sync: reference path
+        if bool(stopped.all()):  # sync: reference path
             break
-    return argmax_canvas, passes
+    return argmax_canvas, nfe
 
 
 @torch.no_grad()
 def generate(model: DiffusionGemma, input_ids: torch.Tensor, gen: GenerationConfig,
-             cache: KVCache | None = None) -> GenerationResult:
+             cache: KVCache | None = None, processor: LogitsProcessor | None = None) -> GenerationResult:
     """Generate for a batch of equal-length prompts `input_ids` (B, S).
 
     With `cache`, `input_ids` are the tokens not yet in it (multi-turn reuse); the cache is extended
     in place by the prompt and every committed canvas except the last one (as in transformers)."""
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+    if input_ids.ndim != 2:
+        raise ConfigError(f"input_ids must be a (batch, length) tensor, got shape {tuple(input_ids.shape)}")
     config = model.config
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got range "
-                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-    batch, length = input_ids.shape[0], config.canvas_length
     cache = cache if cache is not None else model.new_cache()
-    if cache.length + input_ids.shape[1] + gen.max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"prompt ({cache.length + input_ids.shape[1]} tokens) plus max_new_tokens "
-                         f"({gen.max_new_tokens}) exceeds the model's {config.max_position_embeddings} positions")
+    for row in input_ids.tolist():  # sync: reference path
+        check_request(config, gen, row, cache.length)
+    batch, length = input_ids.shape[0], config.canvas_length
     device = model.device
     input_ids = input_ids.to(device)
     prompt_len = input_ids.shape[1]
     eos = torch.tensor(gen.eos_token_ids, device=device, dtype=torch.long) if gen.eos_token_ids else None
-    finished_rows = torch.zeros(batch, dtype=torch.bool, device=device)
-    passes = torch.zeros(batch, dtype=torch.int, device=device)
+    done_rows = torch.zeros(batch, dtype=torch.bool, device=device)
+    nfe = torch.zeros(batch, dtype=torch.int, device=device)
     steps: list[list[int]] = [[] for _ in range(batch)]
     sequences, pending = input_ids, input_ids
     for _ in range(math.ceil(gen.max_new_tokens / length)):
         model.encode(pending, cache)
-        argmax_canvas, canvas_passes = denoise_canvas(model, cache, gen, batch, finished_rows)
-        passes += canvas_passes
-        for row, n in enumerate(canvas_passes.tolist()):
+        argmax_canvas, canvas_nfe = denoise_canvas(model, cache, gen, batch, done_rows, processor=processor)
+        nfe += canvas_nfe
+        for row, n in enumerate(canvas_nfe.tolist()):
             steps[row].append(n)
         sequences = torch.cat([sequences, argmax_canvas], dim=-1)
-        finished_rows = _finalize_canvas(sequences, finished_rows, eos, gen.pad_token_id, length)
-        if bool(finished_rows.all()):
+        done_rows = _finalize_canvas(sequences, done_rows, eos, gen.pad_token_id, length)
+        if bool(done_rows.all()):
             break
         pending = sequences[:, -length:]
     new_tokens = sequences[:, prompt_len:]
     valid = (new_tokens != gen.pad_token_id).sum(-1) if gen.pad_token_id is not None else \
         torch.full((batch,), new_tokens.shape[1], device=device)
-    tokens_per_forward = (valid / passes).tolist()
+    tokens_per_forward = (valid / nfe).tolist()
     token_ids, reasons = [], []
     for row in new_tokens.tolist():
         ids, reason = trim_generated(row, gen.max_new_tokens, gen.eos_token_ids)
         token_ids.append(ids)
         reasons.append(reason)
     return GenerationResult(sequences=sequences, token_ids=token_ids, finish_reasons=reasons, steps=steps,
-                            passes=passes.tolist(), tokens_per_forward=tokens_per_forward)
+                            nfe=nfe.tolist(), tokens_per_forward=tokens_per_forward)
 
 
-def _finalize_canvas(sequences: torch.Tensor, finished_rows: torch.Tensor, eos: torch.Tensor | None,
+def _finalize_canvas(sequences: torch.Tensor, done_rows: torch.Tensor, eos: torch.Tensor | None,
                      pad_id: int | None, length: int) -> torch.Tensor:
-    """EOS handling after a commit, in place on `sequences`: rows finished earlier get a pad
-    canvas, rows finishing now get pad after their first EOS. Returns the new finished mask."""
+    """EOS handling after a commit, in place on `sequences`: rows done earlier get a pad
+    canvas, rows ending now get pad after their first EOS. Returns the new done mask."""
     new = sequences[:, -length:]
-    done_now = torch.isin(new, eos).any(-1) if eos is not None else torch.zeros_like(finished_rows)
-    finished = finished_rows | done_now
-    if pad_id is not None and bool(finished.any()):
-        new[finished_rows] = pad_id
+    done_now = torch.isin(new, eos).any(-1) if eos is not None else torch.zeros_like(done_rows)
+    done = done_rows | done_now
+    if pad_id is not None and bool(done.any()):
+        new[done_rows] = pad_id
         if eos is not None and bool(done_now.any()):
             is_eos = torch.isin(new, eos)
             count = is_eos.cumsum(dim=-1)
             new[(count > 0) & ~((count == 1) & is_eos)] = pad_id
-    return finished
-
-
-def trim_generated(ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...]) -> tuple[list[int], str]:
-    """The public answer: at most `max_new_tokens` ids, ending before the first EOS."""
-    eos = set(eos_ids)
-    for i, tok in enumerate(ids[:max_new_tokens]):
-        if tok in eos:
-            return ids[:i], "stop"
-    return ids[:max_new_tokens], "length"
+    return done

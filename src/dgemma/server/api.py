@@ -23,8 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dgemma.config import GenerationConfig, UserError
-from dgemma.engine.engine import Engine, EngineConfig
+from dgemma.config import EngineConfig, GenerationConfig, ServerConfig, UserError
+from dgemma.engine.engine import Engine
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.server.metrics import Metrics
 from dgemma.server.protocol import (
@@ -40,21 +40,6 @@ from dgemma.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 _STATUS_TYPES = {401: "invalid_api_key", 404: "not_found_error", 405: "invalid_request_error",
                  413: "invalid_request_error", 429: "rate_limit_exceeded"}
-
-
-@dataclass
-class ServerConfig:
-    model_name: str = "dgemma"
-    api_key: str | None = None  # None: no authentication; never empty
-    max_queue: int = 64
-    max_body_bytes: int = 1 << 20
-    default_max_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        if self.api_key is not None and not self.api_key.strip():
-            raise UserError("api_key must not be empty (omit it to serve without authentication)")
-        if self.max_queue < 1 or self.max_body_bytes < 1 or self.default_max_tokens < 1:
-            raise UserError("max_queue, max_body_bytes and default_max_tokens must be positive")
 
 
 def create_app(model: DiffusionGemma, tokenizer: Tokenizer | None, gen: GenerationConfig,
@@ -84,7 +69,7 @@ def create_app(model: DiffusionGemma, tokenizer: Tokenizer | None, gen: Generati
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
+        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": created,
                                              "owned_by": "dgemma"}]}
 
     @app.get("/metrics")
@@ -168,12 +153,12 @@ class _Serving:
         if len(raw) > config.max_body_bytes:
             raise ProtocolError(f"request body larger than {config.max_body_bytes} bytes", status=413)
         body = parse_body(raw, schema)
-        if body.model != config.model_name:
-            raise ProtocolError(f"model {body.model!r} does not exist; this server serves {config.model_name!r}",
+        if body.model != config.served_model_name:
+            raise ProtocolError(f"model {body.model!r} does not exist; this server serves {config.served_model_name!r}",
                                 status=404, param="model", code="model_not_found")
         gen = body.generation_config(self.gen, config.default_max_tokens)
         prompt = _prompt_ids(body, endpoint, self.tokenizer)
-        job = Job(body, gen, prompt, endpoint, config.model_name, self.tokenizer, self.metrics)
+        job = Job(body, gen, prompt, endpoint, config.served_model_name, self.tokenizer, self.metrics)
         try:
             self.worker.submit(job.request)
         except ProtocolError:

@@ -23,8 +23,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 
 from dgemma.config import GenerationConfig
-from dgemma.engine.engine import Engine
-from dgemma.engine.engine import Request as EngineRequest
+from dgemma.engine.engine import Engine, GenerationRequest
 from dgemma.server.metrics import Metrics
 from dgemma.server.protocol import ProtocolError, StopMatcher, chunk_body, completion_body, error_body, sse
 from dgemma.tokenizer import TextStream, Tokenizer
@@ -49,7 +48,7 @@ class EngineWorker:
     def active(self) -> int:
         return len(self.engine.rows)
 
-    def submit(self, request: EngineRequest) -> None:
+    def submit(self, request: GenerationRequest) -> None:
         """Called from the event loop: validation and a deque append, never waits for a step."""
         if len(self.engine.waiting) >= self.max_queue:
             raise ProtocolError("the server is busy (request queue full); retry later", status=429,
@@ -92,14 +91,14 @@ class Job:
         self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.started = time.perf_counter()
         seed = body.seed if body.seed is not None else uuid.uuid4().int % (2**31)
-        self.request = EngineRequest(prompt=prompt, gen=gen, seed=seed, on_tokens=self._on_tokens,
+        self.request = GenerationRequest(prompt=prompt, gen=gen, seed=seed, on_tokens=self._on_tokens,
                                      on_draft=self._on_draft if body.draft else None)
 
     # engine thread -> event loop
-    def _on_tokens(self, req: EngineRequest, tokens: list[int]) -> None:
+    def _on_tokens(self, req: GenerationRequest, tokens: list[int]) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, ("tokens", list(tokens), req.done))
 
-    def _on_draft(self, req: EngineRequest, canvas: list[int]) -> None:
+    def _on_draft(self, req: GenerationRequest, canvas: list[int]) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, ("draft", canvas, False))
 
     def cancel(self) -> None:

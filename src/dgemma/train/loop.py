@@ -20,12 +20,12 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from dgemma.config import ConfigError, GenerationConfig, ModelConfig
+from dgemma.config import ConfigError, DataConfig, GenerationConfig, OptimConfig, TrainConfig
 from dgemma.model.init import random_model
 from dgemma.model.loading import load_model
 from dgemma.tokenizer import Tokenizer
@@ -36,77 +36,10 @@ from dgemma.train.objective import Batch, objective
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    data: str = "data/corpus"  # output of `dgemma data build`
-    tokenizer: str = "data/tokenizer"
-    out: str = "runs/small"
-    # model shape
-    hidden_size: int = 192
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 48
-    intermediate_size: int = 384
-    num_experts: int = 4
-    top_k_experts: int = 2
-    moe_intermediate_size: int = 128
-    sliding_window: int = 128
-    canvas_length: int = 32
-    # data shape
-    batch_size: int = 16
-    max_prompt: int = 64
-    max_canvases: int = 2
-    chat_fraction: float = 0.3
-    # optimisation
-    steps: int = 2600
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 1e-4
-    clip: float = 1.0
-    self_cond_prob: float = 0.5
-    seed: int = 0
-    # bookkeeping
-    eval_every: int = 200
-    eval_batches: int = 4
-    save_every: int = 100
-    keep_checkpoints: int = 2  # complete checkpoints kept in `out` (the newest ones)
-    resume_fallback: bool = False  # resume from an older checkpoint when the newest is damaged (else: an error)
-    log_every: int = 20
-    device: str = "cpu"
-    threads: int = 0  # 0: leave torch's default
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "max_prompt", "max_canvases", "eval_every", "eval_batches",
-                     "save_every", "keep_checkpoints", "log_every", "warmup"):
-            if getattr(self, name) < (0 if name == "warmup" else 1):
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 <= self.chat_fraction <= 1 or not 0 <= self.self_cond_prob <= 1:
-            raise ConfigError("lr must be > 0; chat_fraction and self_cond_prob must lie in [0, 1]")
-        for name in ("data", "tokenizer"):
-            if not Path(getattr(self, name)).is_dir():
-                raise ConfigError(f"--{name} {getattr(self, name)}: no such directory (run `dgemma data build`)")
-
-    def model_config(self, tokenizer: Tokenizer) -> ModelConfig:
-        n = self.num_hidden_layers
-        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-        return ModelConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=n, layer_types=types, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, global_head_dim=2 * self.head_dim,
-            num_global_key_value_heads=1, sliding_window=self.sliding_window, num_experts=self.num_experts,
-            top_k_experts=self.top_k_experts, moe_intermediate_size=self.moe_intermediate_size,
-            canvas_length=self.canvas_length, max_position_embeddings=8192, dtype="float32",
-            pad_token_id=tokenizer.token_to_id("<pad>"), bos_token_id=tokenizer.token_to_id("<bos>"),
-            eos_token_id=[tokenizer.token_to_id("<eos>"), tokenizer.token_to_id("<turn|>")],
-            image_token_id=None, boi_token_id=None, eoi_token_id=None)
-
-
 class Corpus:
     """Tokenized training data: one long token stream (documents joined by EOS) and chat pairs."""
 
-    def __init__(self, data_dir: Path, split: str, tok: Tokenizer, cfg: TrainConfig) -> None:
+    def __init__(self, data_dir: Path, split: str, tok: Tokenizer, cfg: DataConfig, canvas_length: int) -> None:
         self.eos, self.pad = tok.token_to_id("<eos>"), tok.token_to_id("<pad>")
         self.end_turn = tok.token_to_id("<turn|>")
         docs = (data_dir / f"pretrain.{split}.txt").read_text().split(DOC_SEP)
@@ -115,7 +48,7 @@ class Corpus:
             stream += tok.encode(d, add_special_tokens=False) + [self.eos]
         self.stream = torch.tensor(stream, dtype=torch.long)
         self.chat: list[tuple[list[int], list[int]]] = []
-        c = cfg.canvas_length
+        c = self.canvas_length = canvas_length
         for line in (data_dir / f"chat.{split}.jsonl").read_text().splitlines():
             row = json.loads(line)
             prompt = tok.encode_chat([{"role": "user", "content": row["prompt"]}])[-cfg.max_prompt:]
@@ -125,7 +58,7 @@ class Corpus:
         self.cfg = cfg
 
     def batch(self, gen: torch.Generator) -> Batch:
-        cfg, c = self.cfg, self.cfg.canvas_length
+        cfg, c = self.cfg, self.canvas_length
         examples = []
         for _ in range(cfg.batch_size):
             if self.chat and torch.rand(1, generator=gen).item() < cfg.chat_fraction:
@@ -145,7 +78,7 @@ class Corpus:
                      resp_lens=torch.tensor([len(b) for _, b in examples]))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
@@ -166,9 +99,9 @@ def evaluate(model, corpus: Corpus, cfg: TrainConfig) -> dict[str, float]:
     model.eval()
     ar, by_t = [], {t: [] for t in (0.1, 0.5, 0.9)}
     for i in range(cfg.eval_batches):
-        batch = _to(corpus.batch(_step_generator(cfg.seed + 999, i)), cfg.device)
+        batch = _to(corpus.batch(_step_generator(cfg.optim.seed + 999, i)), cfg.device)
         for t in by_t:
-            parts = objective(model, batch, _step_generator(cfg.seed + 999, i, 1), pad_id=corpus.pad,
+            parts = objective(model, batch, _step_generator(cfg.optim.seed + 999, i, 1), pad_id=corpus.pad,
                               self_cond_prob=0.0, t=torch.full((batch.clean.shape[0],), t, device=cfg.device))
             by_t[t].append(parts.diffusion.item())
         ar.append(parts.encoder.item())
@@ -183,11 +116,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tok_dir, data_dir, out = Path(cfg.tokenizer), Path(cfg.data), Path(cfg.out)
+    tok_dir, data_dir, out = Path(cfg.data.tokenizer), Path(cfg.data.data), Path(cfg.out)
     tok = Tokenizer.from_directory(tok_dir)
     if tok is None:
         raise ConfigError(f"{tok_dir} has no tokenizer.json; run `dgemma data build` first")
-    train_data, val_data = Corpus(data_dir, "train", tok, cfg), Corpus(data_dir, "val", tok, cfg)
+    c = cfg.model.canvas_length
+    train_data, val_data = Corpus(data_dir, "train", tok, cfg.data, c), Corpus(data_dir, "val", tok, cfg.data, c)
     resume = find_resume_point(out, fallback=cfg.resume_fallback)
     if resume is not None:
         model, _ = load_model(resume.directory, dtype="float32", device=cfg.device)
@@ -195,12 +129,14 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
         model.requires_grad_(True)
     else:
-        model = random_model(cfg.model_config(tok), seed=cfg.seed, device=cfg.device).requires_grad_(True)
+        shape = cfg.model.model_config(tok.vocab_size, tok.token_to_id("<pad>"), tok.token_to_id("<bos>"),
+                                       [tok.token_to_id("<eos>"), tok.token_to_id("<turn|>")])
+        model = random_model(shape, seed=cfg.optim.seed, device=cfg.device).requires_grad_(True)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.95, 0.99), eps=1e-8)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=(0.95, 0.99), eps=1e-8)
     step, history = 0, []
     if resume is not None:
         restore_optimizer(resume.directory, model, opt)
@@ -208,8 +144,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         print(f"resuming {out} from step {step} ({resume.directory.name})", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {n_params / 1e6:.2f}M parameters, {len(train_data.stream)} stream tokens, "
-          f"{len(train_data.chat)} chat pairs, from step {step} to {cfg.steps}", file=sys.stderr)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+          f"{len(train_data.chat)} chat pairs, from step {step} to {cfg.optim.steps}", file=sys.stderr)
+    end = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, stop_after)
     saved = step if resume is not None else -1
     progress = _Progress(cfg, end)
     with _InterruptFlag() as interrupted:
@@ -217,7 +153,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
             parts, tokens = _train_step(model, opt, train_data, cfg, step)
             step += 1
             progress.log(step, parts, tokens)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or step == cfg.optim.steps:
                 metrics = {"step": step, **evaluate(model, val_data, cfg)}
                 history.append(metrics)
                 print("eval " + json.dumps(metrics), file=sys.stderr, flush=True)
@@ -234,15 +170,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
 def _train_step(model, opt, data: Corpus, cfg: TrainConfig, step: int) -> tuple:
     """One optimisation step; every random choice comes from generators seeded with (seed, step)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else _null()
-    batch = _to(data.batch(_step_generator(cfg.seed, step)), cfg.device)
+    optim = cfg.optim
+    batch = _to(data.batch(_step_generator(optim.seed, step)), cfg.device)
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, cfg)
+        group["lr"] = lr_at(step, optim)
     with autocast:
-        parts = objective(model, batch, _step_generator(cfg.seed, step, 1), pad_id=data.pad,
-                          self_cond_prob=cfg.self_cond_prob)
+        parts = objective(model, batch, _step_generator(optim.seed, step, 1), pad_id=data.pad,
+                          self_cond_prob=optim.self_cond_prob)
     opt.zero_grad(set_to_none=True)
     parts.total.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip)
     opt.step()
     return parts, int((batch.prompt_lens + batch.resp_lens).sum())
 
@@ -258,14 +195,14 @@ class _Progress:
         if step % self.cfg.log_every and step != self.end:
             return
         now = time.perf_counter()
-        print(f"step {step}/{self.cfg.steps} loss {parts.total.item():.3f} (canvas {parts.diffusion.item():.3f}, "
-              f"ar {parts.encoder.item():.3f}) lr {lr_at(step - 1, self.cfg):.2e} "
+        print(f"step {step}/{self.cfg.optim.steps} loss {parts.total.item():.3f} (canvas "
+              f"{parts.diffusion.item():.3f}, ar {parts.encoder.item():.3f}) lr {lr_at(step - 1, self.cfg.optim):.2e} "
               f"{self.tokens / (now - self.since):.0f} tok/s", file=sys.stderr, flush=True)
         self.tokens, self.since = 0, now
 
 
 def _save(model, opt, cfg: TrainConfig, tok_dir: Path, step: int, history: list[dict]) -> None:
-    gen = GenerationConfig(max_new_tokens=4 * cfg.canvas_length, max_denoising_steps=16,
+    gen = GenerationConfig(max_new_tokens=4 * cfg.model.canvas_length, max_denoising_steps=16,
                            eos_token_ids=model.config.eos_token_ids, pad_token_id=model.config.pad_token_id)
     save_checkpoint(Path(cfg.out), step, model, opt, {"config": asdict(cfg), "history": history}, tok_dir, gen,
                     keep=cfg.keep_checkpoints)

@@ -1,10 +1,8 @@
-"""Configuration dataclasses: the model shape (from `config.json`) and the sampler settings
-(from `generation_config.json`).
+"""The model shape, from and to a checkpoint's `config.json`.
 
-This is the only place where the Hugging Face JSON spelling is translated into our fields
-(`ModelConfig.from_hf_dict` / `to_hf_dict`, `GenerationConfig.from_hf_dict`). A config we write
-loads back in `transformers.DiffusionGemmaConfig` unchanged (tests/test_loading.py checks the
-round trip both ways).
+This is the only place where the Hugging Face JSON spelling of the model is translated into our fields
+(`ModelConfig.from_hf_dict` / `to_hf_dict`). A config we write loads back in
+`transformers.DiffusionGemmaConfig` unchanged (tests/test_loading.py checks the round trip both ways).
 
 Conventions kept from transformers 5.24 (`DiffusionGemmaTextConfig.__post_init__`):
 - `layer_types` defaults to 5 sliding layers then 1 full layer, repeated; the last layer is forced
@@ -12,15 +10,16 @@ Conventions kept from transformers 5.24 (`DiffusionGemmaTextConfig.__post_init__
 - Full-attention layers take `head_dim`/`num_key_value_heads` from `per_layer_config` (written by
   transformers >= 5.11) or from `global_head_dim` (default 512) / `num_global_key_value_heads`.
 - Full layers share K and V (no `v_proj`).
-- Unset generation settings fall back to transformers' global defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from dgemma.config.errors import ConfigError
+from dgemma.config.values import as_id_tuple
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -31,28 +30,6 @@ _DEFAULT_ROPE = {
 }
 _SUPPORTED_ROPE = ("default", "proportional")
 _SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
-
-# Documented limits of the generation settings (docs/reliability.md); a request outside them is refused at the
-# door (CLI, HTTP, Python API) before anything is allocated.
-SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed is a signed 64-bit integer (the counter-based RNG's key)
-MIN_TEMPERATURE = 1e-6  # the lowest temperature of a schedule: below it fp32 logits / T overflow to inf
-MAX_TEMPERATURE = 1e4
-MAX_ENTROPY_BOUND = 1e6  # above any sum of canvas entropies (256 x ln 262,144 = 3,192 nats)
-MAX_CONFIDENCE_THRESHOLD = 1e6
-MAX_DENOISING_STEPS = 100_000
-MAX_NEW_TOKENS = 2**31 - 1  # a request is also checked against the model's positions and the engine's context
-MAX_STABILITY = 64
-
-
-class UserError(ValueError):
-    """Something a user gave (a flag, a file, a request) that cannot be used; the message says what to fix.
-    Every error meant for users derives from it, so that front ends report exactly these and let internal
-    errors surface as bugs."""
-
-
-class ConfigError(UserError):
-    """An invalid model config, generation setting or request size."""
-
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -164,7 +141,7 @@ class ModelConfig:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        return _as_id_tuple(self.eos_token_id)
+        return as_id_tuple(self.eos_token_id)
 
     @property
     def embed_scale(self) -> float:
@@ -246,107 +223,6 @@ class ModelConfig:
         return out
 
 
-@dataclass
-class GenerationConfig:
-    """Sampler settings. Field names follow `generation_config.json`; `entropy_bound` lives
-    there under `sampler_config`."""
-
-    max_new_tokens: int = 256
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = 0
-
-    def __post_init__(self) -> None:
-        self.eos_token_ids = _as_id_tuple(self.eos_token_ids)
-        self.validate()
-
-    def validate(self) -> None:
-        """Every setting within its documented range (module constants); raises ConfigError naming the first
-        one that is not."""
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
-        def count(name: str, low: int, high: int) -> None:
-            value = getattr(self, name)
-            need(_is_int(value) and low <= value <= high,
-                 f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-        def number(name: str, low: float, high: float, low_open: bool = False) -> None:
-            value = getattr(self, name)
-            ok = _is_num(value) and (value > low if low_open else value >= low) and value <= high
-            need(ok, f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
-
-        count("max_new_tokens", 1, MAX_NEW_TOKENS)
-        count("max_denoising_steps", 1, MAX_DENOISING_STEPS)
-        number("entropy_bound", 0.0, MAX_ENTROPY_BOUND, low_open=True)
-        number("t_min", 0.0, MAX_TEMPERATURE)
-        number("t_max", 0.0, MAX_TEMPERATURE)
-        need(self.t_max > self.t_min, f"t_max must be greater than t_min ({self.t_min}), got {self.t_max!r}")
-        lowest = self.temperature(1)
-        need(lowest >= MIN_TEMPERATURE,
-             f"the temperature schedule falls to {lowest:.3g} at its last step, below the floor {MIN_TEMPERATURE:g} "
-             "(logits divided by it overflow): raise t_min or t_max")
-        count("stability_threshold", 0, MAX_STABILITY)
-        number("confidence_threshold", 0.0, MAX_CONFIDENCE_THRESHOLD)
-        need(all(_is_int(t) and t >= 0 for t in self.eos_token_ids),
-             f"eos token ids must be non-negative integers, got {self.eos_token_ids!r}")
-        need(self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
-             f"pad_token_id must be a non-negative integer, got {self.pad_token_id!r}")
-
-    def temperature(self, step: int) -> float:
-        """Temperature at `step` remaining steps (N at the first step, 1 at the last)."""
-        return self.t_min + (self.t_max - self.t_min) * (step / self.max_denoising_steps)
-
-    def replace(self, **overrides: Any) -> GenerationConfig:
-        """A copy with the given fields changed; `None` values leave a field as it is."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ConfigError(f"unknown generation settings {sorted(unknown)}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-    @classmethod
-    def from_hf_dict(cls, data: dict[str, Any], model: ModelConfig | None = None) -> GenerationConfig:
-        """Unset (missing or null) fields take transformers' global defaults; EOS falls back to
-        the model config when the generation config names none."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"generation_config.json must hold a JSON object, not {type(data).__name__}")
-        kwargs: dict[str, Any] = {}
-        for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max",
-                    "stability_threshold", "confidence_threshold", "pad_token_id"):
-            if data.get(key) is not None:
-                kwargs[key] = data[key]
-        sampler = data.get("sampler_config")
-        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
-            kwargs["entropy_bound"] = sampler["entropy_bound"]
-        eos = data.get("eos_token_id")
-        if eos is None and model is not None:
-            eos = model.eos_token_id
-        kwargs["eos_token_ids"] = _as_id_tuple(eos)
-        if "pad_token_id" not in kwargs and model is not None:
-            kwargs["pad_token_id"] = model.pad_token_id
-        return cls(**kwargs)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "max_denoising_steps": self.max_denoising_steps,
-            "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": float(self.entropy_bound)},
-            "t_min": self.t_min, "t_max": self.t_max,
-            "stability_threshold": self.stability_threshold,
-            "confidence_threshold": float(self.confidence_threshold),
-            "eos_token_id": list(self.eos_token_ids), "pad_token_id": self.pad_token_id,
-            "return_dict_in_generate": True,
-        }
-
-
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
                   "float": "float32", "torch.float32": "float32", "torch.bfloat16": "bfloat16",
@@ -363,56 +239,3 @@ def _dtype_name(name: str) -> str:
 def parse_dtype(name: str) -> str:
     """Validate a user-supplied dtype name (accepts fp32/bf16/fp16 aliases)."""
     return _dtype_name(name)
-
-
-def _as_id_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"token ids must be an integer or a list of integers, got {value!r}")
-    return tuple(value)
-
-
-def check_seed(seed: Any) -> int:
-    """A request seed: an integer in SEED_RANGE (the RNG key is a signed 64-bit value)."""
-    low, high = SEED_RANGE
-    if not _is_int(seed) or not low <= seed <= high:
-        raise ConfigError(f"seed must be an integer in [-2**63, 2**63 - 1], got {seed!r}")
-    return seed
-
-
-def check_request(model: ModelConfig, gen: GenerationConfig, prompt: Any, context: int = 0,
-                  max_context: int | None = None) -> None:
-    """The one prompt validator (engine, reference sampler, CLI, server): a non-empty list of token ids inside
-    the vocabulary, and room for it plus `gen.max_new_tokens` (rounded up to whole canvases, as generation
-    runs) after `context` already cached tokens: within the model's positions and, when given, within
-    `max_context` cache slots (the last canvas is never cached). Checked before anything is allocated."""
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise ConfigError("prompt is empty" if isinstance(prompt, (list, tuple)) else
-                          f"prompt must be a list of token ids, got {type(prompt).__name__}")
-    if not all(_is_int(t) for t in prompt):
-        raise ConfigError("prompt token ids must be integers")
-    low, high = min(prompt), max(prompt)
-    if low < 0 or high >= model.vocab_size:
-        raise ConfigError(f"prompt token ids must lie in [0, {model.vocab_size}), got range [{low}, {high}]")
-    c = model.canvas_length
-    canvases = -(-gen.max_new_tokens // c)
-    positions = context + len(prompt) + canvases * c
-    if positions > model.max_position_embeddings:
-        raise ConfigError(f"prompt ({context + len(prompt)} tokens) plus max_new_tokens ({gen.max_new_tokens}, "
-                          f"{canvases} canvases of {c}) needs {positions} positions; the model has "
-                          f"{model.max_position_embeddings}")
-    slots = positions - c
-    if max_context is not None and slots > max_context:
-        raise ConfigError(f"prompt ({context + len(prompt)} tokens) plus max_new_tokens ({gen.max_new_tokens}) "
-                          f"needs {slots} context slots; the engine has {max_context}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
