@@ -1,8 +1,8 @@
 """A byte DFA lifted to the vocabulary, with tokens grouped into classes (exact mode's automaton).
 
-`TokenAutomaton.build` runs every token's bytes from every live DFA state at once (torch gathers over
-the unique byte-class strings of the vocabulary), then merges tokens whose columns next[:, t] are
-equal into classes (hashed, then checked exactly). The end ids form one more class, leading from each
+`TokenAutomaton.build` computes each token's action next[:, t] on all live DFA states as a composition
+of byte columns, memoizing every (prefix action, byte class) step, and tokens with equal actions form
+one class (actions are compared exactly, as bytes). The end ids form one more class, leading from each
 accepting state to an absorbing DONE state. Special tokens, ids without a tokenizer entry, empty
 tokens and tokens valid nowhere are in no class (never allowed). States that no token path leads to
 acceptance from are dropped, so every state is live (co-accessible). States x classes is capped.
@@ -27,7 +27,6 @@ from dgemma.constrain.spec import ConstraintError, ConstraintSpec
 from dgemma.constrain.text import regex_escape
 
 MAX_STATES_X_CLASSES = 4_000_000
-_CHUNK = 8192
 
 
 @dataclass
@@ -66,21 +65,21 @@ class TokenAutomaton:
               max_size: int = MAX_STATES_X_CLASSES) -> TokenAutomaton:
         end_ids = tuple(int(e) for e in end_ids)
         live = np.flatnonzero(dfa.live())
-        cols, token_col = _lift(dfa, live, token_bytes, end_ids)  # (Q_live, U) DFA states, (V,) column or -1
-        # a live-state index per DFA state (dead -> -1), so classes see live states only
+        funcs, token_fn = _lift(dfa, live, token_bytes, end_ids)  # (F, Q_live) DFA states, (V,) function or -1
+        # a live-state index per DFA state (dead -> -1); distinct functions stay distinct under it
         index = np.full(dfa.num_states, -1, dtype=np.int64)
         index[live] = np.arange(len(live))
-        cols = index[cols]
-        klass, reps = _column_classes(cols)
-        keep = (cols[:, reps] >= 0).any(axis=0)  # classes valid from at least one state
-        renum = np.full(len(reps), -1, dtype=np.int64)
-        renum[keep] = np.arange(int(keep.sum()))
-        token_class = np.where(token_col >= 0, renum[klass[np.maximum(token_col, 0)]], -1)
-        n_classes = int(keep.sum()) + 1
+        funcs = index[funcs]
+        used = np.unique(token_fn[token_fn >= 0])
+        used = used[(funcs[used] >= 0).any(axis=1)]  # a class valid from at least one state
+        renum = np.full(len(funcs), -1, dtype=np.int64)
+        renum[used] = np.arange(len(used))
+        token_class = np.where(token_fn >= 0, renum[np.maximum(token_fn, 0)], -1)
+        n_classes = len(used) + 1
         end_class, done = n_classes - 1, len(live)
         token_class[list(end_ids)] = end_class
         table = np.full((len(live) + 1, n_classes), -1, dtype=np.int64)
-        table[:len(live), :-1] = cols[:, reps[keep]]
+        table[:len(live), :-1] = funcs[used].T
         accepting = np.r_[dfa.accepting[live], True]
         table[np.flatnonzero(accepting), end_class] = done  # DONE also loops on end ids
         if table.size > max_size:
@@ -119,45 +118,38 @@ def spec_regex(spec: ConstraintSpec) -> str:
 
 def _lift(dfa: ByteDFA, live: np.ndarray, token_bytes: Sequence[bytes | None], end_ids: tuple[int, ...]
           ) -> tuple[np.ndarray, np.ndarray]:
-    """DFA state after each distinct token (as byte classes) from each live state: (Q_live, U), and the
-    column of each id (-1: special, empty or an end id)."""
-    _, byte_class, inverse = np.unique(dfa.table, axis=1, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    n_byte_classes = int(inverse.max()) + 1
-    pad = n_byte_classes  # a class that leaves the state unchanged (past a token's end)
-    table = np.concatenate([dfa.table[:, byte_class], np.arange(dfa.num_states)[:, None]], axis=1)
+    """The action of every token on the live states: (F, Q_live) distinct functions (DFA state reached
+    from each live state) and (V,) the function of each id (-1: special, empty or an end id).
+
+    A token's function is the composition of its bytes' columns. Tokens are walked byte by byte, and
+    each (function so far, byte class) composition is computed once (an O(Q) gather) and memoized, so
+    the cost is one dict step per byte of the vocabulary plus one gather per distinct composition,
+    instead of Q gathers per byte."""
+    _, rep, inverse = np.unique(dfa.table, axis=1, return_index=True, return_inverse=True)
+    byte_table = dfa.table[:, rep]  # (Q, B): one column per byte class
+    n_classes = byte_table.shape[1]
+    classes_of = inverse.reshape(-1).astype(np.int64)
+    funcs: list[np.ndarray] = [live.astype(np.int32)]
+    index: dict[bytes, int] = {funcs[0].tobytes(): 0}
+    memo: dict[int, int] = {}
     ends = set(end_ids)
-    strings: dict[bytes, int] = {}
-    token_col = np.full(len(token_bytes), -1, dtype=np.int64)
+    token_fn = np.full(len(token_bytes), -1, dtype=np.int64)
     for t, data in enumerate(token_bytes):
-        if data and t not in ends:
-            key = bytes(inverse[np.frombuffer(data, dtype=np.uint8)].astype(np.uint8)) if n_byte_classes <= 255 \
-                else data
-            token_col[t] = strings.setdefault(key, len(strings))
-    longest = max((len(k) for k in strings), default=0)
-    seqs = np.full((len(strings), longest), pad, dtype=np.int64)
-    for key, u in strings.items():
-        seqs[u, :len(key)] = np.frombuffer(key, dtype=np.uint8) if n_byte_classes <= 255 else \
-            inverse[np.frombuffer(key, dtype=np.uint8)]
-    table_t, seqs_t = torch.from_numpy(table.astype(np.int64)), torch.from_numpy(seqs)
-    out = np.empty((len(live), len(strings)), dtype=np.int64)
-    for lo in range(0, len(strings), _CHUNK):
-        states = torch.from_numpy(live).unsqueeze(1).expand(-1, min(_CHUNK, len(strings) - lo)).clone()
-        for j in range(longest):
-            states = table_t[states, seqs_t[lo:lo + _CHUNK, j].unsqueeze(0)]
-        out[:, lo:lo + states.shape[1]] = states.numpy()
-    return out, token_col
-
-
-def _column_classes(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class of every column (equal columns share one) and a representative column per class."""
-    weights = np.random.default_rng(0).integers(1, 2**62, size=cols.shape[0], dtype=np.int64)
-    _, reps, klass = np.unique(weights @ (cols + 1), return_index=True, return_inverse=True)
-    klass = klass.reshape(-1)
-    if not (cols == cols[:, reps[klass]]).all():  # a hash collision: classify exactly
-        _, reps, klass = np.unique(cols, axis=1, return_index=True, return_inverse=True)
-        klass = klass.reshape(-1)
-    return klass, reps
+        if not data or t in ends:
+            continue
+        f = 0
+        for c in classes_of[np.frombuffer(data, dtype=np.uint8)].tolist():
+            key = f * n_classes + c
+            g = memo.get(key)
+            if g is None:
+                vec = byte_table[funcs[f], c]
+                g = index.setdefault(vec.tobytes(), len(funcs))
+                if g == len(funcs):
+                    funcs.append(vec)
+                memo[key] = g
+            f = g
+        token_fn[t] = f
+    return np.stack(funcs), token_fn
 
 
 def _prune(table: np.ndarray, accepting: np.ndarray, start: int, done: int

@@ -25,12 +25,15 @@ NEG_INF = float("-inf")
 
 
 def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """out[j] = logsumexp(values[index == j]), -inf for empty groups; max-shifted per group."""
-    top = torch.full((size,), NEG_INF, dtype=values.dtype, device=values.device)
-    top = top.scatter_reduce(0, index, values, "amax")
+    """out[..., j] = logsumexp(values[..., index == j]) over the last dim, -inf for empty groups;
+    max-shifted per group, so a group far below the others keeps its exact value."""
+    shape = (*values.shape[:-1], size)
+    index = index.expand_as(values)
+    top = torch.full(shape, NEG_INF, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(-1, index, values, "amax")
     safe_top = torch.where(torch.isfinite(top), top, 0.0)
-    terms = torch.where(values > NEG_INF, torch.exp(values - safe_top[index]), 0.0)
-    sums = torch.zeros(size, dtype=values.dtype, device=values.device).scatter_add(0, index, terms)
+    terms = torch.where(values > NEG_INF, torch.exp(values - safe_top.gather(-1, index)), 0.0)
+    sums = torch.zeros(shape, dtype=values.dtype, device=values.device).scatter_add(-1, index, terms)
     return torch.where(sums > 0, safe_top + torch.log(sums), NEG_INF)
 
 
@@ -115,8 +118,7 @@ class CanvasDP:
         probability, so softmax, entropy and argmax treat them as processed logits."""
         log_z = self._check_feasible()
         alpha, beta = self.forward(), self.backward()
-        g = torch.stack([scatter_logsumexp(alpha[i, self.src] + beta[i + 1, self.dst], self.cls, self.a.num_classes)
-                         for i in range(self.length)])  # (C, K)
+        g = scatter_logsumexp(alpha[:-1, self.src] + beta[1:, self.dst], self.cls, self.a.num_classes)  # (C, K)
         g = g.masked_fill(~self.class_ok, NEG_INF) - log_z
         tc = self.a.token_class
         per_token = torch.where(tc >= 0, g[:, tc.clamp(min=0)], NEG_INF)
