@@ -1,7 +1,7 @@
 """Shared builders for the tests/test_constrain_*.py files: a tiny byte-level BPE tokenizer trained on
 JSON-like text (about 300 tokens, read by a model whose logits are V = 384 wide, so ids 300..383 have
 no tokenizer entry), the bundled 4,096-token tokenizer, and llguidance backends over both.
-The two tests here check the builders themselves."""
+The tests here check the builders themselves."""
 
 from __future__ import annotations
 
@@ -63,3 +63,16 @@ def test_tiny_tokenizer_round_trips_json():
     backend = tiny_backend()
     text = '{"name":"zoë","age":3}'
     assert backend.tokenizer.decode_str(encode(backend, text)) == text
+
+
+def test_backend_from_a_dgemma_tokenizer_is_the_cached_one():
+    import pytest
+
+    from dgemma.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_directory(BUNDLED.parent)
+    assert LLGuidanceBackend.for_tokenizer(tok, BUNDLED_V, BUNDLED_END_IDS) is bundled_backend()
+    with pytest.raises(ValueError, match="vocab size too small"):
+        LLGuidanceBackend.for_tokenizer(tok, 4000, BUNDLED_END_IDS)
+    with pytest.raises(ValueError, match="end ids must be a non-empty list"):
+        LLGuidanceBackend.for_tokenizer(tok, BUNDLED_V, [])

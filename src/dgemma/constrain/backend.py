@@ -27,6 +27,7 @@ import llguidance as llg
 import llguidance.numpy as llg_numpy
 import numpy as np
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from dgemma.constrain import bitmask
 from dgemma.constrain.spec import ConstraintError, ConstraintSpec
@@ -83,14 +84,15 @@ _BACKENDS: dict[tuple[str, int, tuple[int, ...]], LLGuidanceBackend] = {}
 
 
 def tokenizer_json(tokenizer: Any) -> str:
-    """The `tokenizer.json` text of a dgemma Tokenizer, a `tokenizers.Tokenizer`, a path, or the text."""
+    """The `tokenizer.json` text of a dgemma Tokenizer, a `tokenizers.Tokenizer`, a path, or the text,
+    always as the `tokenizers` library serializes it (so every route gives one cache key)."""
     inner = getattr(tokenizer, "_tok", tokenizer)  # dgemma.tokenizer.Tokenizer wraps a tokenizers.Tokenizer
     if hasattr(inner, "to_str"):
         return inner.to_str()
     if isinstance(tokenizer, os.PathLike) or (isinstance(tokenizer, str) and not tokenizer.lstrip().startswith("{")):
-        return Path(tokenizer).read_text()
+        tokenizer = Path(tokenizer).read_text()
     if isinstance(tokenizer, str):
-        return tokenizer
+        return HFTokenizer.from_str(tokenizer).to_str()
     raise TypeError(f"cannot read a tokenizer from {type(tokenizer).__name__}")
 
 
@@ -119,7 +121,8 @@ class LLGuidanceBackend:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int, end_ids: Sequence[int]) -> LLGuidanceBackend:
-        """The backend for (tokenizer, V, end ids), built once per process (about 1 s at 262k tokens)."""
+        """The backend for (tokenizer, V, end ids), built once per process (seconds at 262k tokens). Hold
+        on to it: each call serializes and hashes the tokenizer to find the cached one."""
         text = tokenizer_json(tokenizer)
         key = (hashlib.sha256(text.encode()).hexdigest(), vocab_size, tuple(int(e) for e in end_ids))
         if key not in _BACKENDS:
