@@ -77,6 +77,14 @@ def test_marginals_and_viterbi_equal_brute_force(toy, seed, remaining):
         assert dp.viterbi()[remaining:].eq(0).all()  # the canvas ends the output in time
 
 
+def test_a_budget_beyond_the_canvas_is_no_budget(toy):
+    logits = torch.randn(C, len(TOY_BYTES), generator=torch.Generator().manual_seed(3))
+    free, later = CanvasDP(toy, logits, toy.start), CanvasDP(toy, logits, toy.start, remaining=C + 1)
+    assert torch.equal(free.marginal_logits(), later.marginal_logits())
+    with pytest.raises(ValueError, match="not a state"):
+        CanvasDP(toy, logits, toy.num_states)
+
+
 def test_ffbs_frequencies_match_brute_force(toy):
     logits = torch.randn(C, len(TOY_BYTES), generator=torch.Generator().manual_seed(11))
     canvases, probs = brute_law(logits.double())

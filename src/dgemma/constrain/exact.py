@@ -45,6 +45,9 @@ class CanvasDP:
         length, vocab = logits.shape
         if vocab != automaton.vocab_size:
             raise ValueError(f"logits have {vocab} columns but the automaton covers {automaton.vocab_size} ids")
+        if automaton.class_next.device != logits.device:
+            raise ValueError(f"the automaton is on {automaton.class_next.device} and the logits on {logits.device}; "
+                             "move it once with automaton.to(device)")
         if not 0 <= state < automaton.num_states:
             raise ValueError(f"state {state} is not a state of the automaton (0..{automaton.num_states - 1})")
         self.a, self.logits, self.state = automaton, logits.float(), state
