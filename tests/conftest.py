@@ -48,7 +48,9 @@ def checkpoint_with_tokenizer(hf_checkpoint, tmp_path_factory):
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte is a token, as in real byte-level vocabularies
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
+                                                        initial_alphabet=alphabet))
     assert tok.get_vocab_size() <= 384
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({

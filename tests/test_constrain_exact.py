@@ -77,10 +77,30 @@ def test_marginals_and_viterbi_equal_brute_force(toy, seed, remaining):
         assert dp.viterbi()[remaining:].eq(0).all()  # the canvas ends the output in time
 
 
-def test_a_budget_beyond_the_canvas_is_no_budget(toy):
-    logits = torch.randn(C, len(TOY_BYTES), generator=torch.Generator().manual_seed(3))
-    free, later = CanvasDP(toy, logits, toy.start), CanvasDP(toy, logits, toy.start, remaining=C + 1)
-    assert torch.equal(free.marginal_logits(), later.marginal_logits())
+def _closes_within(canvas, k):
+    """Brute force: the canvas's text can still become a word with at most k more content tokens."""
+    if 0 in canvas:
+        return brute_valid(canvas)
+    text = b"".join(TOY_BYTES[t] for t in canvas).decode()
+    tails = [""] + ["".join(TOY_BYTES[t].decode() for t in w) for n in range(1, k + 1)
+                    for w in itertools.product(range(1, len(TOY_BYTES)), repeat=n)]
+    return text in PREFIXES and any(text + tail in WORDS for tail in tails)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5])
+def test_a_budget_beyond_the_canvas_leaves_room_to_close(toy, k):
+    """With C + k content tokens left, the canvas must end where the output can still close within k more
+    (brute force over continuations); a budget that leaves every state room is no budget."""
+    logits = torch.randn(C, len(TOY_BYTES), generator=torch.Generator().manual_seed(3 + k)) * 2
+    dp = CanvasDP(toy, logits, toy.start, remaining=C + k)
+    canvases, weights = [], []
+    for canvas in itertools.product(range(len(TOY_BYTES)), repeat=C):
+        if brute_valid(list(canvas)) and _closes_within(list(canvas), k):
+            canvases.append(canvas)
+            weights.append(float(sum(logits[i, t] for i, t in enumerate(canvas))))
+    assert dp.viterbi().tolist() == list(canvases[int(np.argmax(weights))])
+    if k >= 5:
+        assert torch.allclose(dp.marginal_logits(), CanvasDP(toy, logits, toy.start).marginal_logits())
     with pytest.raises(ValueError, match="not a state"):
         CanvasDP(toy, logits, toy.num_states)
 

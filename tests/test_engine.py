@@ -549,10 +549,10 @@ def _poison(monkeypatch, seed):
     """A fault injected into the step of any batch that holds the request with this seed."""
     original = Engine._step_rows
 
-    def step_rows(self, rows, alone=None):
+    def step_rows(self, rows, *args, **kwargs):
         if any(r.request.seed == seed for r in rows):
             raise RuntimeError("injected fault")
-        return original(self, rows, alone)
+        return original(self, rows, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_step_rows", step_rows)
 

@@ -96,7 +96,7 @@ def test_seed_reproducible_and_stop_strings(client):
 
 
 @pytest.mark.parametrize("extra,param", [
-    (dict(n=2), "n"), (dict(logprobs=True), "logprobs"), (dict(response_format={"type": "json_object"}),
+    (dict(n=2), "n"), (dict(logprobs=True), "logprobs"), (dict(response_format={"type": "xml"}),
                                                           "response_format"),
     (dict(top_p=0.5), "top_p"), (dict(temperature=3.0), "temperature"), (dict(max_tokens=0), "max_tokens"),
 ])
@@ -246,10 +246,10 @@ def test_a_request_failing_in_the_engine_fails_alone(checkpoint_with_tokenizer, 
 
     original = Engine._step_rows
 
-    def step_rows(self, rows, alone=None):
+    def step_rows(self, rows, *args, **kwargs):
         if any(r.request.seed == 666 for r in rows):
             raise RuntimeError("injected fault")
-        return original(self, rows, alone)
+        return original(self, rows, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_step_rows", step_rows)
     with _Server(_app(checkpoint_with_tokenizer)) as s:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +47,10 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -> dict:
+def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig,
+               constraint: Callable[[], Any] | None = None) -> dict:
+    """The engine on `cfg.batch` random prompts; `constraint` makes each request's structured-output constraint
+    (then the result also reports the mask time per constrained step and how much of it the steps waited)."""
     device = model.device
     g = torch.Generator().manual_seed(cfg.seed)
     prompts = [torch.randint(3, model.config.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
@@ -60,28 +65,35 @@ def run_engine(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchConfig) -
         torch.cuda.reset_peak_memory_stats()
     best = None
     for rep in range(cfg.repeats):
-        engine.nfe = 0
+        engine.nfe, engine.constraint_wait_seconds = 0, 0.0
         _sync(device)
         t0 = time.perf_counter()
-        reqs = [engine.submit(GenerationRequest(prompt=p, gen=gen, seed=cfg.seed + rep * 1000 + i))
+        reqs = [engine.submit(GenerationRequest(prompt=p, gen=gen, seed=cfg.seed + rep * 1000 + i,
+                                                constraint=constraint() if constraint else None))
                 for i, p in enumerate(prompts)]
         while engine.has_work():
             engine.step()
         _sync(device)
         seconds = time.perf_counter() - t0
         if best is None or seconds < best[0]:
-            best = (seconds, reqs, engine.nfe)
-    seconds, reqs, nfe = best
+            best = (seconds, reqs, engine.nfe, engine.constraint_wait_seconds)
+    seconds, reqs, nfe, waited = best
     stats = GenerationStats(sum(len(r.output) for r in reqs), [s for r in reqs for s in r.steps], seconds)
     ttft = min(r.first_token_at for r in reqs) - min(r.submitted_at for r in reqs)
     ms_step = _time_step(model, engine, prompts, gen)  # one isolated step at this batch: ms/step, bandwidth
     weight_bytes = _weight_bytes_per_step(model, cfg.batch * model.config.canvas_length)
-    return {
+    result = {
         "tokens": stats.tokens, "seconds": seconds, "tokens_per_s": stats.tokens_per_s, "ttft_s": ttft,
         "ms_per_step": ms_step, "steps_per_canvas": stats.steps_per_canvas, "nfe": nfe,
         "tokens_per_forward": stats.tokens_per_forward, "weight_bytes_per_step": weight_bytes,
         "achieved_gb_per_s": weight_bytes / (ms_step / 1e3) / 1e9, "peak_memory_bytes": _peak_memory(device),
     }
+    if constraint is not None:
+        steps = sum(r.constraint.steps for r in reqs)
+        result["mask_ms_per_step"] = 1e3 * sum(r.constraint.mask_seconds for r in reqs) / max(1, steps)
+        result["mask_wait_ms_per_step"] = 1e3 * waited / max(1, nfe)
+        result["finish_reasons"] = [r.finish_reason for r in reqs]
+    return result
 
 
 def _time_step(model: DiffusionGemma, engine: Engine, prompts: list[list[int]], gen: GenerationConfig) -> float:
@@ -156,7 +168,8 @@ def run_autoregressive(model: DiffusionGemma, gen: GenerationConfig, cfg: BenchC
     return {"tokens": len(out), "seconds": best, "tokens_per_s": len(out) / best, "batch": 1}
 
 
-def benchmark(model: DiffusionGemma, model_dir: Path | None, gen: GenerationConfig, cfg: BenchConfig) -> dict:
+def benchmark(model: DiffusionGemma, model_dir: Path | None, gen: GenerationConfig, cfg: BenchConfig,
+              constraint: Callable[[], Any] | None = None) -> dict:
     overrides = {"max_new_tokens": cfg.max_new_tokens, "max_denoising_steps": cfg.max_denoising_steps,
                  "confidence_threshold": cfg.confidence_threshold}
     gen = gen.replace(**overrides)
@@ -168,7 +181,7 @@ def benchmark(model: DiffusionGemma, model_dir: Path | None, gen: GenerationConf
               "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs}
     if model.device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(model.device)
-    result.update(run_engine(model, gen, cfg))
+    result.update(run_engine(model, gen, cfg, constraint))
     if cfg.baseline == "transformers":
         if model_dir is None:
             with tempfile.TemporaryDirectory() as tmp:

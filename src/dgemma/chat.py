@@ -89,8 +89,8 @@ class ChatSession:
 
     def _forget_cache(self) -> None:
         """After an interrupted or failed turn: drop whatever the engine holds; the next turn encodes the whole
-        conversation again (its messages are kept)."""
-        self.ids, self.text, self.cached = [], "", 0
+        conversation again from the same ids (the model's own answers, not a re-encoding of their text)."""
+        self.cached = 0
         self.engine.reset()
 
 

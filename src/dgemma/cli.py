@@ -34,7 +34,7 @@ from dgemma.config import (
     parse_dtype,
 )
 from dgemma.config.flags import add_flags, from_flags, overrides_from_flags
-from dgemma.engine.engine import Engine
+from dgemma.engine.engine import Engine, GenerationRequest
 from dgemma.model.loading import load_model, read_generation_config, save_model
 from dgemma.sampler.reference import generate
 from dgemma.sampler.stats import GenerationStats
@@ -76,8 +76,23 @@ def _add_generate(sub) -> None:
     g.add_argument("--exact", action="store_true",
                    help="reference sampler with transformers' random stream (token-identical to transformers)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _constraint_flags(g)
     add_flags(g, GenerationConfig, skip=_GEN_SKIP, overrides=True)
     g.set_defaults(func=cmd_generate)
+
+
+def _constraint_flags(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("structured output (the answer is guaranteed to match)")
+    c.add_argument("--json-schema", metavar="SCHEMA", help="a JSON Schema: a file, or the schema itself as JSON")
+    c.add_argument("--json-object", action="store_true", help="any JSON object")
+    c.add_argument("--regex", metavar="PATTERN", help="a regular expression the whole answer matches")
+    c.add_argument("--choice", action="append", metavar="TEXT", help="one allowed answer (repeat the flag)")
+    c.add_argument("--grammar", metavar="FILE", help="a grammar in Lark syntax")
+    c.add_argument("--constraint-mode", choices=("default", "exact"), default="default",
+                   help="default: masks along the draft (any grammar); exact: dynamic programming over the whole "
+                        "canvas (regex, choice, JSON Schema subset; closes within --max-new-tokens)")
+    c.add_argument("--json-whitespace", choices=("compact", "flexible"), default="compact",
+                   help="JSON whitespace between tokens (compact: none)")
 
 
 def _add_chat(sub) -> None:
@@ -106,6 +121,7 @@ def _add_bench(sub) -> None:
     bn.add_argument("--random-config", help="random weights of this config.json instead of a checkpoint")
     bn.add_argument("--json", action="store_true", help="print one JSON object")
     bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _constraint_flags(bn)
     add_flags(bn, BenchConfig)
     bn.set_defaults(func=cmd_bench)
 
@@ -139,6 +155,39 @@ def _add_random_checkpoint(sub) -> None:
 
 
 # -- shared ------------------------------------------------------------------------------------------------
+def constraint_spec(args: argparse.Namespace):
+    """The `ConstraintSpec` the constraint flags ask for, or None."""
+    from dgemma.constrain.spec import ConstraintSpec
+
+    given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar") if getattr(args, name)]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UsageError(f"give one structured-output flag, not {', '.join('--' + g.replace('_', '-') for g in given)}")
+    kind = given[0]
+    value = getattr(args, kind)
+    if kind == "json_schema":
+        text = value
+        if not value.lstrip().startswith("{"):
+            text = _read_text(Path(value), "--json-schema")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--json-schema is not valid JSON ({exc})") from None
+    elif kind == "grammar":
+        value = _read_text(Path(value), "--grammar")
+    elif kind == "json_object":
+        value = None
+    whitespace = args.json_whitespace if kind in ("json_schema", "json_object") else "compact"
+    return ConstraintSpec(kind, value, whitespace=whitespace, mode=args.constraint_mode)
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag} {path}: {exc}") from None
+
 def _parse_ids(text: str) -> list[int]:
     items = text.replace(" ", "").split(",")
     if not text.strip():
@@ -211,6 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_dir, model, tokenizer, gen = _load(args)
     ids = _prompt_ids(args, tokenizer, model_dir)
     check_request(model.config, gen, ids)  # before anything is allocated for it
+    constraint = _constraint(args, model, tokenizer, gen, model_dir)
     load_seconds = time.perf_counter() - t0
     torch.manual_seed(seed)  # --exact: transformers draws from the global generator: same seed, same stream
     if args.device.startswith("cuda"):
@@ -223,7 +273,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         canvases = -(-gen.max_new_tokens // model.config.canvas_length)
         context = len(ids) + canvases * model.config.canvas_length
         engine = Engine(model, EngineConfig(max_batch=1, max_context=context))
-        request = engine.generate([ids], gen, [seed])[0]
+        request = engine.submit(GenerationRequest(prompt=ids, gen=gen, seed=seed, constraint=constraint))
+        while engine.has_work():
+            engine.step()
+        if request.finish_reason == "error":
+            raise UsageError(request.error)
         token_ids, steps, reason = request.output, request.steps, request.finish_reason
     stats = GenerationStats(len(token_ids), steps, time.perf_counter() - t1)
     text = tokenizer.decode(token_ids) if tokenizer is not None else None
@@ -236,6 +290,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     peak = (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device.startswith("cuda") else "")
     print(stats.line(reason, f", seed {seed}{peak}"), file=sys.stderr)
     return 0
+
+
+def _constraint(args: argparse.Namespace, model, tokenizer: Tokenizer | None, gen: GenerationConfig,
+                model_dir: Path):
+    """The request's compiled constraint, or None; refused with --exact (the transformers-identical sampler)."""
+    spec = constraint_spec(args)
+    if spec is None:
+        return None
+    if args.exact:
+        raise UsageError("structured outputs need the engine; drop --exact")
+    if tokenizer is None:
+        raise UsageError(f"{model_dir} has no tokenizer.json; structured outputs need one")
+    from dgemma.constrain.canvas import canvas_constraint
+
+    return canvas_constraint(spec, tokenizer, model.config.vocab_size, gen.eos_token_ids, model.config.canvas_length)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -284,7 +353,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model_dir = _model_dir(args.model)
         model, _ = load_model(model_dir, dtype=dtype, device=args.device)
         gen = read_generation_config(model_dir, model.config).replace(eos_token_ids=())  # measure full length
-    result = benchmark(model, model_dir, gen, cfg)
+    constraint = None
+    spec = constraint_spec(args)
+    if spec is not None:  # every request constrained; the eos ids stay (a grammar needs them to end)
+        tokenizer = Tokenizer.from_directory(model_dir) if model_dir is not None else None
+        if tokenizer is None:
+            raise UsageError("a structured-output bench needs a checkpoint with a tokenizer (--model)")
+        gen = read_generation_config(model_dir, model.config)
+        from dgemma.constrain.canvas import canvas_constraint
+
+        def constraint():
+            return canvas_constraint(spec, tokenizer, model.config.vocab_size, gen.eos_token_ids,
+                                     model.config.canvas_length)
+    result = benchmark(model, model_dir, gen, cfg, constraint)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -292,6 +373,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{result['ms_per_step']:.2f} ms/step, {result['steps_per_canvas']:.1f} steps/canvas, "
           f"{result['tokens_per_forward']:.2f} tokens/forward, {result['achieved_gb_per_s']:.1f} GB/s of weights, "
           f"peak {result['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if "mask_ms_per_step" in result:
+        print(f"constraint: {result['mask_ms_per_step']:.2f} ms of masks per constrained step, of which the steps "
+              f"waited {result['mask_wait_ms_per_step']:.2f} ms (the rest ran beside the forward)")
     if "ratio" in result:
         print(f"baseline {result['baseline']}: {result['baseline_tokens_per_s']:.1f} tokens/s; "
               f"ratio {result['ratio']:.2f}x")

@@ -95,6 +95,20 @@ class TokenAutomaton:
     def allowed_classes(self, state: int) -> torch.Tensor:
         return self.class_next[state] >= 0
 
+    def tokens_to_done(self) -> torch.Tensor:
+        """(S,) long: the fewest tokens from each state to DONE (the end id included); a large number where DONE
+        cannot be reached. Breadth-first over the class edges, backwards from DONE."""
+        table = self.class_next.cpu()
+        big = table.shape[0] + 1
+        dist = torch.full((table.shape[0],), big, dtype=torch.long)
+        dist[self.done] = 0
+        for d in range(1, big):
+            reach = ((table >= 0) & (dist[table.clamp(min=0)] == d - 1)).any(dim=1) & (dist == big)
+            if not reach.any():
+                break
+            dist[reach] = d
+        return dist.to(self.class_next.device)
+
     def token_mask(self, state: int) -> torch.Tensor:
         """(V,) bool: ids allowed in `state`."""
         ok = self.allowed_classes(state)

@@ -263,7 +263,7 @@ class LLGuidanceMatcher:
         draft = check_draft(draft, self.vocab_size)
         n_rows = len(draft) if n_rows is None else n_rows
         if self.error:
-            raise ConstraintError(f"grammar matcher is in an error state: {self.error}")
+            raise ConstraintError(f"grammar matcher is in an error state: {_explain(self.error)}")
         out = np.empty((n_rows, bitmask.words(self.vocab_size)), dtype=np.int32)
         if n_rows == 0:
             return out
@@ -327,6 +327,14 @@ class LLGuidanceMatcher:
         k = lo + int(stops[0])
         rows[k + 1:] = self.backend.end_row if is_end[k - lo] else self.backend.free_row
         return k
+
+
+def _explain(error: str) -> str:
+    error = error.replace("<non-verbose/>", "").strip()
+    if "NoExtensionBias" in error:
+        return ("no token of this model's vocabulary can continue the output here (the grammar needs text the "
+                f"tokenizer cannot produce; llguidance: {error})")
+    return error
 
 
 def check_draft(draft: Sequence[int] | torch.Tensor | np.ndarray, vocab_size: int) -> np.ndarray:

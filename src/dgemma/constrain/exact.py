@@ -9,7 +9,8 @@ logits (C, V). Conditioning it on "x is a valid continuation of the committed st
   backward sampling, then a token within each sampled class).
 Budget: with `remaining` <= C (max_tokens left in this canvas) the canvas must end the output:
 positions >= remaining may hold only end ids and the state at C must be DONE, or accepting when
-remaining == C; otherwise any (live) state may follow, for the next canvas.
+remaining == C; with more tokens left, the canvas must end in a state from which the output can still be
+closed within the tokens left after it (`TokenAutomaton.tokens_to_done`); with no budget, in any live state.
 Work per position is over E <= S*K edges, so cost ~ C*E plus a (C, V) class reduction.
 tests/test_constrain_exact.py compares all three with brute force over every canvas of a toy.
 """
@@ -60,6 +61,9 @@ class CanvasDP:
             self.class_ok[max(remaining, 0):, :automaton.end_class] = False
             self.final = automaton.accepting.clone() if remaining == length else \
                 torch.arange(automaton.num_states, device=self.device) == automaton.done
+        elif remaining is not None:  # later canvases follow: end where the output can still close in time
+            # (`remaining` counts content tokens; the distance counts the end id too)
+            self.final = automaton.tokens_to_done() <= remaining - length + 1
         self._class_scores()
         self._alpha: torch.Tensor | None = None
         self._beta: torch.Tensor | None = None

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from dgemma.config import UserError
+
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 WHITESPACE = ("compact", "flexible")
 MODES = ("default", "exact")
@@ -26,7 +28,7 @@ MODES = ("default", "exact")
 EXACT_KINDS = ("json_schema", "regex", "choice")
 
 
-class ConstraintError(ValueError):
+class ConstraintError(UserError):
     """A constraint that cannot be compiled or used; the message says what to change."""
 
 

@@ -23,7 +23,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,7 +37,10 @@ from dgemma.engine.kv_cache import StaticKVCache
 from dgemma.engine.step import MAX_STABILITY, STREAM_INIT, RowSettings, StepState, denoise_step
 from dgemma.engine.weights import pack_weights
 from dgemma.model.modeling import DiffusionGemma
-from dgemma.sampler.entropy_bound import trim_generated
+from dgemma.sampler.entropy_bound import LogitsProcessor, trim_generated
+
+if TYPE_CHECKING:
+    from dgemma.constrain.canvas import CanvasConstraint
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,9 @@ class GenerationRequest:
     on_draft: Callable[[GenerationRequest, list[int]], None] | None = None
     # the prompt continues the context already in the cache (a single-row engine owned by a chat session)
     extend_context: bool = False
+    # structured output: masks or exact marginals applied at every step, the committed canvases valid
+    # (`dgemma.constrain.canvas.CanvasConstraint`, built for the model's tokenizer by the caller)
+    constraint: CanvasConstraint | None = None
     id: int = field(default_factory=itertools.count().__next__)
     # results
     output: list[int] = field(default_factory=list)
@@ -73,6 +81,32 @@ class _Row:
     canvas_index: int = 0
     steps_left: int = 0
     steps_taken: int = 0
+    prev_argmax: list[int] | None = None  # the last step's argmax canvas (constrained rows: their next masks)
+
+
+class _ConstraintProcessor:
+    """The logits processor of a step with constrained rows: waits for their masks (computed on the engine's
+    worker thread during the forward), then lets each row's constraint edit the processed logits of its
+    positions. Chunks hold whole rows (the engine aligns the sampler chunk to the canvas length)."""
+
+    def __init__(self, rows: list[tuple[int, CanvasConstraint, int]], canvas_length: int,
+                 ready: list[Future]) -> None:
+        self.rows, self.c, self.ready = rows, canvas_length, ready
+        self.waited = 0.0  # seconds the step waited for masks (what the forward did not hide)
+
+    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if self.ready:
+            t0 = time.perf_counter()
+            for future in self.ready:
+                future.result()  # a failure here fails the step; the row at fault then fails alone
+            self.waited += time.perf_counter() - t0
+            self.ready = []
+        end = start + x.shape[0]
+        for row, constraint, remaining in self.rows:
+            lo, hi = row * self.c, (row + 1) * self.c
+            if lo >= start and hi <= end:
+                x[lo - start:hi - start] = constraint.process(x[lo - start:hi - start], remaining)
+        return x
 
 
 class Engine:
@@ -97,6 +131,9 @@ class Engine:
             raise ConfigError("cuda_graphs needs a CUDA device")
         runner = CompiledRunner if self.config.compile else GraphRunner if self.config.cuda_graphs else EagerRunner
         self.runner: EagerRunner = runner(self)
+        self._eager = self.runner if type(self.runner) is EagerRunner else EagerRunner(self)
+        self._mask_pool: ThreadPoolExecutor | None = None  # computes constrained rows' masks beside the forward
+        self.constraint_wait_seconds = 0.0  # time steps waited for masks (what the forward did not hide)
 
     # -- public ---------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationRequest:
@@ -143,13 +180,16 @@ class Engine:
         if not self.rows:
             return
         state, _ = self.views(len(self.rows))
+        jobs = self._constraint_jobs()
+        processor = self._processor(jobs)
         # the compiled and graph paths write the state in place as they go: keep a copy in case they fail
-        saved = None if type(self.runner) is EagerRunner else state.clone()
+        saved = None if type(self.runner) is EagerRunner or jobs else state.clone()
         try:
-            self._step_rows(self.rows)
+            self._step_rows(self.rows, processor=processor)
+            self.constraint_wait_seconds += processor.waited if processor is not None else 0.0
         except Exception:  # noqa: BLE001 - isolate the rows at fault, the others go on
             log.exception("engine step failed for a batch of %d rows; retrying each row alone", len(self.rows))
-            self._step_rows_alone(state, saved)
+            self._step_rows_alone(state, saved, jobs)
             if not self.rows:
                 return
         self.nfe += 1
@@ -175,17 +215,47 @@ class Engine:
         return requests
 
     # -- the step ---------------------------------------------------------------------------------------
-    def _step_rows(self, rows: list[_Row], alone: int | None = None) -> None:
+    def _step_rows(self, rows: list[_Row], alone: int | None = None,
+                   processor: LogitsProcessor | None = None) -> None:
         """One denoising step of the first len(rows) rows, or (`alone`) of that one row by itself, eagerly, on
-        views of its own cache row, state and settings. The seam a test injects a fault through."""
+        views of its own cache row, state and settings. A step with a `processor` (constrained rows) runs
+        eagerly. The seam a test injects a fault through."""
         if alone is None:
-            self.runner.step(len(rows))
+            if processor is None:
+                self.runner.step(len(rows))
+            else:
+                self._eager.step(len(rows), processor, self._aligned_chunk())
             return
         cache = self.cache.row_view(alone)
         denoise_step(self.model, self.weights, cache, self.state.row(alone), self.settings.row(alone),
-                     exact_inputs(cache, 1, self.device), self.config.sampler_chunk)
+                     exact_inputs(cache, 1, self.device), self._aligned_chunk(), processor)
 
-    def _step_rows_alone(self, state: StepState, saved: StepState | None) -> None:
+    def _aligned_chunk(self) -> int:
+        """The sampler chunk rounded down to whole canvases (a constrained row's logits arrive in one piece)."""
+        return max(self.canvas_length, self.config.sampler_chunk // self.canvas_length * self.canvas_length)
+
+    def _constraint_jobs(self) -> list[tuple[int, CanvasConstraint, int, Future]]:
+        """Start each constrained row's masks for this step on the worker thread: (row, constraint, tokens it may
+        still return, the masks' future)."""
+        jobs = []
+        for i, r in enumerate(self.rows):
+            constraint = r.request.constraint
+            if constraint is not None:
+                if self._mask_pool is None:
+                    self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgemma-masks")
+                future = self._mask_pool.submit(constraint.prepare, r.prev_argmax)
+                jobs.append((i, constraint, r.request.gen.max_new_tokens - len(r.request.output), future))
+        return jobs
+
+    def _processor(self, jobs: list, alone: int | None = None) -> _ConstraintProcessor | None:
+        """The step's logits processor for `jobs` (of row `alone` only, as row 0 of its own step)."""
+        if alone is not None:
+            jobs = [(0, c, rem, f) for i, c, rem, f in jobs if i == alone]
+        if not jobs:
+            return None
+        return _ConstraintProcessor([(i, c, rem) for i, c, rem, _ in jobs], self.canvas_length, [f for *_, f in jobs])
+
+    def _step_rows_alone(self, state: StepState, saved: StepState | None, jobs: list | None = None) -> None:
         """After a batched step raised: restore the rows' state (in-place paths may have written part of it), then
         step each row alone. A row whose step still raises fails with the error; every other row has advanced
         exactly as it would alone (batch invariance: its tokens depend on its own seed and context only)."""
@@ -194,7 +264,7 @@ class Engine:
         failed = []
         for i, r in enumerate(self.rows):
             try:
-                self._step_rows([r], alone=i)
+                self._step_rows([r], alone=i, processor=self._processor(jobs or [], alone=i))
             except Exception as exc:  # noqa: BLE001
                 log.exception("engine step failed for request %s", r.request.id)
                 self._fail(r.request, f"generation failed: {exc!r}")
@@ -205,17 +275,20 @@ class Engine:
         """After a step: tell drafts, and commit the rows whose canvas is done. Rows whose confidence threshold is
         0 never stop early (a rounding-level stop would still be committed, frozen, at the canvas's last step):
         no sync is needed for them until then."""
-        drafts = any(r.request.on_draft is not None for r in self.rows)
+        drafts = any(r.request.on_draft is not None or r.request.constraint is not None for r in self.rows)
         early = self._since_sync >= self.sync_every and any(r.request.gen.confidence_threshold > 0 for r in self.rows)
         if not (drafts or early or any(r.steps_left == 0 for r in self.rows)):
             return
-        # sync: one per `sync_every` steps (and at a canvas's last step) decides which rows commit
+        # sync: one per `sync_every` steps (and at a canvas's last step) decides which rows commit; every step
+        # while a row is constrained (its next masks follow this step's argmax canvas)
         self._since_sync = 0
         state, _ = self.views(len(self.rows))
         stopped, taken = state.stopped.tolist(), state.steps_taken.tolist()
         failed = []
         for row, r in enumerate(self.rows):
             r.steps_taken = taken[row]
+            if r.request.constraint is not None:
+                r.prev_argmax = state.argmax_canvas[row].tolist()
             if r.request.on_draft is not None:
                 try:
                     r.request.on_draft(r.request, state.argmax_canvas[row].tolist())
@@ -267,7 +340,7 @@ class Engine:
     def _start_canvas(self, row: int) -> None:
         r = self.rows[row]
         gen, dev = r.request.gen, self.device
-        r.steps_left, r.steps_taken = gen.max_denoising_steps, 0
+        r.steps_left, r.steps_taken, r.prev_argmax = gen.max_denoising_steps, 0, None
         st, rs = self.state, self.settings
         seed, index = torch.tensor([r.request.seed], device=dev), torch.tensor([r.canvas_index], device=dev)
         st.canvas[row] = rng.randint(seed, index, torch.tensor([0], device=dev), self.canvas_length, STREAM_INIT,
@@ -297,8 +370,10 @@ class Engine:
         req = r.request
         req.steps.append(r.steps_taken)
         remaining = req.gen.max_new_tokens - len(req.output)
-        argmax_canvas = self.state.argmax_canvas[row]
-        emitted, reason = trim_generated(argmax_canvas.tolist(), remaining, req.gen.eos_token_ids)
+        canvas = self.state.argmax_canvas[row].tolist()
+        if req.constraint is not None:  # valid by stability, or projected; exact mode: the Viterbi canvas
+            canvas = req.constraint.finish(canvas)
+        emitted, reason = trim_generated(canvas, remaining, req.gen.eos_token_ids)
         if reason == "length" and len(emitted) < remaining:
             reason = None  # neither an end token nor the last token asked for: the next canvas follows
         req.output.extend(emitted)
@@ -311,7 +386,7 @@ class Engine:
             req.on_tokens(req, emitted)  # the last call comes with req.done set
         if reason is not None:
             return True
-        self.runner.commit(row, argmax_canvas[None].clone())
+        self.runner.commit(row, torch.tensor([canvas], device=self.device))
         r.canvas_index += 1
         self._start_canvas(row)
         return False

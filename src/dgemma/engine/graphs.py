@@ -26,6 +26,7 @@ from dgemma.engine.kv_cache import StaticKVCache
 from dgemma.engine.step import RowSettings, StepState, denoise_step, masked_step
 from dgemma.engine.weights import ModelWeights, allow_mkl_in_graphs
 from dgemma.model.modeling import DiffusionGemma
+from dgemma.sampler.entropy_bound import LogitsProcessor
 
 _ENGINE_IDS = itertools.count()
 
@@ -49,11 +50,11 @@ class EagerRunner:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def step(self, b: int) -> None:
+    def step(self, b: int, processor: LogitsProcessor | None = None, chunk: int | None = None) -> None:
         e = self.engine
         state, settings = e.views(b)
         denoise_step(e.model, e.weights, e.cache, state, settings, exact_inputs(e.cache, b, e.device),
-                     e.config.sampler_chunk)
+                     chunk or e.config.sampler_chunk, processor)
 
     def commit(self, row: int, ids: torch.Tensor) -> None:
         e = self.engine

@@ -13,6 +13,7 @@ tests/test_server.py and tests/test_server_fuzz.py check this over HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -23,7 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dgemma.config import EngineConfig, GenerationConfig, ServerConfig, UserError
+from dgemma.config import EngineConfig, GenerationConfig, ModelConfig, ServerConfig, UserError
+from dgemma.constrain.canvas import CanvasConstraint, canvas_constraint
+from dgemma.constrain.spec import ConstraintError
 from dgemma.engine.engine import Engine
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.server.metrics import Metrics
@@ -51,7 +54,7 @@ def create_app(model: DiffusionGemma, tokenizer: Tokenizer | None, gen: Generati
         engine.warm_up()  # build the compiled graphs before the first request rather than during it
     worker = EngineWorker(engine, config.max_queue)
     metrics = Metrics()
-    serving = _Serving(worker, tokenizer, gen, config, metrics)
+    serving = _Serving(worker, tokenizer, gen, config, metrics, model.config)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -125,6 +128,7 @@ class _Serving:
     gen: GenerationConfig
     config: ServerConfig
     metrics: Metrics
+    model: ModelConfig
 
     async def generate(self, request: Request, schema, endpoint: str):
         """Parse, validate and submit one generation request; answer with its stream or its whole body."""
@@ -158,7 +162,8 @@ class _Serving:
                                 status=404, param="model", code="model_not_found")
         gen = body.generation_config(self.gen, config.default_max_tokens)
         prompt = _prompt_ids(body, endpoint, self.tokenizer)
-        job = Job(body, gen, prompt, endpoint, config.served_model_name, self.tokenizer, self.metrics)
+        constraint = await self._constraint(body, gen)
+        job = Job(body, gen, prompt, endpoint, config.served_model_name, self.tokenizer, self.metrics, constraint)
         try:
             self.worker.submit(job.request)
         except ProtocolError:
@@ -166,6 +171,24 @@ class _Serving:
         except UserError as exc:  # the engine's validation: sizes against the context, ids, settings
             raise ProtocolError(str(exc), param="messages" if endpoint == "chat" else "prompt") from None
         return job
+
+
+    async def _constraint(self, body, gen: GenerationConfig) -> CanvasConstraint | None:
+        """The request's structured-output constraint, compiled for this model off the event loop (an exact-mode
+        automaton takes up to seconds); ProtocolError (400) when it cannot be."""
+        spec = body.constraint_spec()
+        if spec is None:
+            return None
+        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        if self.tokenizer is None:
+            raise ProtocolError("structured outputs need the model's tokenizer (this checkpoint has none)", param=param)
+        if not gen.eos_token_ids:
+            raise ProtocolError("structured outputs need the model's end token ids (none are configured)", param=param)
+        try:
+            return await asyncio.to_thread(canvas_constraint, spec, self.tokenizer, self.model.vocab_size,
+                                           gen.eos_token_ids, self.model.canvas_length)
+        except ConstraintError as exc:
+            raise ProtocolError(str(exc), param=param) from None
 
 
 def _prompt_ids(body, endpoint: str, tokenizer: Tokenizer | None) -> list[int]:

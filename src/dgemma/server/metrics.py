@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -18,6 +19,9 @@ class Metrics:
     canvases: int = 0
     steps: int = 0
     failed: int = 0
+    constrained: int = 0  # requests with a structured-output constraint
+    constrained_steps: int = 0
+    mask_seconds: float = 0.0  # time spent on their masks (or exact-mode marginals), summed
     latency_sum: float = 0.0
     latency_count: int = 0
     ttft_sum: float = 0.0
@@ -28,10 +32,15 @@ class Metrics:
             self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
 
     def record(self, prompt_tokens: int, tokens: int, steps: list[int], latency: float, ttft: float | None,
-               failed: bool = False) -> None:
-        """One finished generation: its sizes, its steps per canvas, its latency and time to first token."""
+               failed: bool = False, constraint: Any = None) -> None:
+        """One finished generation: its sizes, its steps per canvas, its latency and time to first token, and the
+        cost of its constraint (a `CanvasConstraint`) if it had one."""
         with self._lock:
             self.failed += failed
+            if constraint is not None:
+                self.constrained += 1
+                self.constrained_steps += constraint.steps
+                self.mask_seconds += constraint.mask_seconds
             self.prompt_tokens += prompt_tokens
             self.generated_tokens += tokens
             self.canvases += len(steps)
@@ -57,6 +66,12 @@ class Metrics:
                 "# TYPE dgemma_tokens_per_forward gauge",
                 f"dgemma_tokens_per_forward {self.generated_tokens / self.steps if self.steps else 0.0}",
                 "# TYPE dgemma_failed_requests_total counter", f"dgemma_failed_requests_total {self.failed}",
+                "# TYPE dgemma_constrained_requests_total counter",
+                f"dgemma_constrained_requests_total {self.constrained}",
+                "# TYPE dgemma_constrained_steps_total counter",
+                f"dgemma_constrained_steps_total {self.constrained_steps}",
+                "# TYPE dgemma_constraint_mask_seconds_total counter",
+                f"dgemma_constraint_mask_seconds_total {self.mask_seconds}",
                 "# TYPE dgemma_queue_depth gauge", f"dgemma_queue_depth {queue_depth}",
                 "# TYPE dgemma_active_requests gauge", f"dgemma_active_requests {active}",
                 "# TYPE dgemma_request_latency_seconds summary",

@@ -1,8 +1,11 @@
 """OpenAI-compatible request schemas, their mapping onto `GenerationConfig`, and the response bodies.
 
 Every field is either honoured or refused with HTTP 400 (never silently ignored): unknown fields, `n > 1`,
-`logprobs`, `response_format`, tools, `top_p`/`top_k` other than neutral values are refused. Types are
-strict, as OpenAI's: a boolean is not an integer, a string is not a number or a boolean; floats are finite.
+`logprobs`, tools, `top_p`/`top_k` other than neutral values are refused. Types are strict, as OpenAI's: a
+boolean is not an integer, a string is not a number or a boolean; floats are finite.
+Structured outputs: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) or vLLM's
+`structured_outputs` (`json`, `regex`, `choice`, `grammar` in Lark syntax, `json_object`), with the extensions
+`constraint_mode` ("default" or "exact") and `json_whitespace` ("compact", the default, or "flexible").
 Extensions (not in the OpenAI API): `max_denoising_steps`, `entropy_bound`, `confidence_threshold`, and
 `draft` (stream the argmax canvas after every denoising step as `event: draft` SSE events).
 
@@ -27,6 +30,7 @@ from dgemma.config import (
     GenerationConfig,
     UserError,
 )
+from dgemma.constrain.spec import ConstraintError, ConstraintSpec
 
 GREEDY_SCALE = 1e-4
 MAX_JSON_DEPTH = 32  # nesting of a request body (objects and arrays); deeper bodies get 400
@@ -141,6 +145,17 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    model_config = _STRICT
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
@@ -159,6 +174,10 @@ class _Common(BaseModel):
     n: int | None = Field(default=None, ge=1)
     logprobs: bool | int | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    constraint_mode: Literal["default", "exact"] = "default"
+    json_whitespace: Literal["compact", "flexible"] = "compact"
     # extensions
     max_denoising_steps: int | None = Field(default=None, ge=1, le=1024)
     entropy_bound: float | None = Field(default=None, gt=0.0, le=MAX_ENTROPY_BOUND)
@@ -184,6 +203,21 @@ class _Common(BaseModel):
             raise ProtocolError("top_p is not supported (the sampler is entropy-bounded); omit it or use 1",
                                 param="top_p")
 
+    def constraint_spec(self) -> ConstraintSpec | None:
+        """The structured-output constraint the request asks for (None: free text); ProtocolError names the field
+        when it is malformed (the backend compiles it later and may still refuse it)."""
+        fmt, so = self.response_format, self.structured_outputs
+        if fmt is not None and fmt.get("type") != "text" and so is not None:
+            raise ProtocolError("give either response_format or structured_outputs, not both", param="response_format")
+        try:
+            kind, value = _format_kind(fmt) if so is None else _structured_kind(so)
+            if kind is None:
+                return None
+            whitespace = self.json_whitespace if kind in ("json_schema", "json_object") else "compact"
+            return ConstraintSpec(kind, value, whitespace=whitespace, mode=self.constraint_mode)
+        except ConstraintError as exc:
+            raise ProtocolError(str(exc), param="structured_outputs" if so is not None else "response_format") from None
+
     def generation_config(self, base: GenerationConfig, default_max_tokens: int) -> GenerationConfig:
         self.refuse_unsupported()
         t_min, t_max = base.t_min, base.t_max
@@ -201,15 +235,11 @@ class _Common(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ProtocolError("response_format is not supported (no constrained decoding yet)",
-                                param="response_format")
         if self.tools or self.tool_choice not in (None, "none"):
             raise ProtocolError("tools are not supported", param="tools")
         if self.max_completion_tokens is not None:
@@ -234,6 +264,47 @@ class CompletionRequest(_Common):
             raise ProtocolError("best_of is not supported", param="best_of")
         if not self.prompt:
             raise ProtocolError("prompt is empty", param="prompt")
+
+
+def _format_kind(fmt: dict[str, Any] | None) -> tuple[str | None, Any]:
+    """OpenAI's response_format -> (constraint kind or None, value)."""
+    if fmt is None or fmt.get("type") == "text":
+        if fmt is not None and set(fmt) != {"type"}:
+            raise ProtocolError("response_format of type text takes no other fields", param="response_format")
+        return None, None
+    kind = fmt.get("type")
+    if kind == "json_object":
+        if set(fmt) != {"type"}:
+            raise ProtocolError("response_format of type json_object takes no other fields", param="response_format")
+        return "json_object", None
+    if kind != "json_schema":
+        raise ProtocolError(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                            param="response_format.type")
+    spec = fmt.get("json_schema")
+    if set(fmt) != {"type", "json_schema"} or not isinstance(spec, dict):
+        raise ProtocolError("response_format of type json_schema needs a json_schema object "
+                            '{"name", "schema", "strict"}', param="response_format.json_schema")
+    unknown = set(spec) - {"name", "schema", "strict", "description"}
+    if unknown:
+        raise ProtocolError(f"response_format.json_schema has unknown fields {sorted(unknown)}",
+                            param="response_format.json_schema")
+    if not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema", {}), dict):
+        raise ProtocolError("response_format.json_schema needs a string name and an object schema",
+                            param="response_format.json_schema")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise ProtocolError("response_format.json_schema.strict must be a boolean",
+                            param="response_format.json_schema.strict")
+    return "json_schema", spec.get("schema", {})
+
+
+def _structured_kind(so: StructuredOutputs) -> tuple[str | None, Any]:
+    given = {k: v for k, v in (("json_schema", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                ("grammar", so.grammar), ("json_object", so.json_object or None)) if v is not None}
+    if len(given) != 1:
+        raise ProtocolError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object",
+                            param="structured_outputs")
+    (kind, value), = given.items()
+    return kind, (None if kind == "json_object" else value)
 
 
 # -- responses ---------------------------------------------------------------------------------------------

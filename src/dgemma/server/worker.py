@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 
 from dgemma.config import GenerationConfig
+from dgemma.constrain.canvas import CanvasConstraint
 from dgemma.engine.engine import Engine, GenerationRequest
 from dgemma.server.metrics import Metrics
 from dgemma.server.protocol import ProtocolError, StopMatcher, chunk_body, completion_body, error_body, sse
@@ -78,7 +79,7 @@ class Job:
     """One HTTP request's generation: engine callbacks in, text deltas out."""
 
     def __init__(self, body: Any, gen: GenerationConfig, prompt: list[int], endpoint: str, model_name: str,
-                 tokenizer: Tokenizer | None, metrics: Metrics) -> None:
+                 tokenizer: Tokenizer | None, metrics: Metrics, constraint: CanvasConstraint | None = None) -> None:
         self.body, self.gen, self.prompt, self.endpoint = body, gen, prompt, endpoint
         self.model_name, self.metrics = model_name, metrics
         self.loop = asyncio.get_running_loop()
@@ -92,7 +93,7 @@ class Job:
         self.started = time.perf_counter()
         seed = body.seed if body.seed is not None else uuid.uuid4().int % (2**31)
         self.request = GenerationRequest(prompt=prompt, gen=gen, seed=seed, on_tokens=self._on_tokens,
-                                     on_draft=self._on_draft if body.draft else None)
+                                         on_draft=self._on_draft if body.draft else None, constraint=constraint)
 
     # engine thread -> event loop
     def _on_tokens(self, req: GenerationRequest, tokens: list[int]) -> None:
@@ -158,7 +159,7 @@ class Job:
         req = self.request
         ttft = req.first_token_at - req.submitted_at if req.first_token_at is not None else None
         self.metrics.record(len(self.prompt), len(self.stream.ids), req.steps, time.perf_counter() - self.started,
-                            ttft, self.failed)
+                            ttft, self.failed, req.constraint)
 
     def usage(self) -> dict[str, int]:
         n = len(self.stream.ids)
