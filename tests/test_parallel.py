@@ -86,6 +86,79 @@ def _adamw(params):
 
 
 # -- the distributed side --------------------------------------------------------------------------
+def _grads_of(par, module):
+    return {n: par.full_tensor(p.grad).clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _params_of(par, module):
+    return {n: par.full_tensor(p.detach()).clone() for n, p in module.named_parameters()}
+
+
+def _resume_twice(par, sharded, trained, opt, batch, state_dir):
+    """Save, take a step, restore, take the same step again: both results, then leave the restored state."""
+    par.save_training_state(state_dir, trained, opt)
+    results = []
+    for _ in range(2):
+        opt.zero_grad()
+        sharded(_clean_loss, batch).backward()
+        if trained is not sharded.model:
+            par.all_reduce_gradients(trained.parameters())
+        opt.step()
+        results.append(_params_of(par, trained))
+        par.load_training_state(state_dir, trained, opt)
+    return results
+
+
+def _fsdp_cases(par, env, rank, out_dir, out):
+    """Plain FSDP: gradients, clip norm, one AdamW step, DCP resume, HF export; noisy batches with AC."""
+    model = _model()
+    sharded = par.parallelize(model, env)
+    sharded(_clean_loss, HALVES[rank]).backward()
+    out["fsdp_grads"] = _grads_of(par, model)
+    out["fsdp_norm"] = float(par.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)))
+    opt = _adamw(model.parameters())
+    opt.step()
+    out["fsdp_step"] = _params_of(par, model)
+    out["resumed"] = _resume_twice(par, sharded, model, opt, HALVES[1 - rank], os.path.join(out_dir, "state"))
+    par.export_hf_checkpoint(model, os.path.join(out_dir, "hf"))
+
+    model = _model()
+    sharded = par.parallelize(model, env, par.ParallelConfig(checkpointing=True))
+    sharded(_noisy_loss, NOISY[rank], rank).backward()
+    out["noisy_grads"] = _grads_of(par, model)
+
+
+def _expert_cases(par, env, rank, out):
+    """EP (+ AC) with and without the gradient division; bf16 mixed precision (+ EP, AC), the GPU setting."""
+    for key, divide in (("ep_grads", True), ("ep_undivided_grads", False)):
+        model = _model()
+        config = par.ParallelConfig(expert_parallel=True, checkpointing=divide, divide_expert_gradients=divide)
+        sharded = par.parallelize(model, env, config)
+        assert model.stack.layers[0].experts.gate_up_proj.to_local().shape[0] == 4
+        sharded(_clean_loss, HALVES[rank]).backward()
+        out[key] = _grads_of(par, model)
+    model = _model()
+    config = par.ParallelConfig(expert_parallel=True, checkpointing=True, mixed_precision=True)
+    sharded = par.parallelize(model, env, config)
+    sharded(_clean_loss, HALVES[rank]).backward()
+    out["bf16_grads"] = _grads_of(par, model)
+    out["bf16_master_dtypes"] = {str(p.dtype) for p in model.parameters()}
+
+
+def _lora_case(par, env, rank, out_dir, out):
+    """LoRA on a frozen, sharded base: adapter gradients, base untouched, DCP resume of the adapter state."""
+    model = _model()
+    adapter = _nonzero_lora(model)
+    sharded = par.parallelize(model, env)
+    sharded(_clean_loss, HALVES[rank]).backward()
+    par.all_reduce_gradients(adapter.parameters())
+    out["lora_grads"] = _grads_of(par, adapter)
+    out["lora_base_grads"] = [n for n, p in model.named_parameters() if p.grad is not None]
+    opt = _adamw(adapter.parameters())
+    opt.step()
+    out["lora_resumed"] = _resume_twice(par, sharded, adapter, opt, HALVES[rank], os.path.join(out_dir, "lora"))
+
+
 def _worker(rank, world, port, out_dir):
     from dgemma.train import parallel as par
 
@@ -94,63 +167,9 @@ def _worker(rank, world, port, out_dir):
                       LOCAL_RANK=str(rank))
     env = par.init_distributed(timeout_s=60)
     out = {}
-
-    def grads(module):
-        return {n: par.full_tensor(p.grad).clone() for n, p in module.named_parameters() if p.grad is not None}
-
-    def params(module):
-        return {n: par.full_tensor(p.detach()).clone() for n, p in module.named_parameters()}
-
-    # plain FSDP: gradients, one AdamW step, clip norm, DCP resume, HF export
-    model = _model()
-    sharded = par.parallelize(model, env)
-    sharded(_clean_loss, HALVES[rank]).backward()
-    out["fsdp_grads"] = grads(model)
-    out["fsdp_norm"] = float(par.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)))
-    opt = _adamw(model.parameters())
-    opt.step()
-    out["fsdp_step"] = params(model)
-    par.save_training_state(os.path.join(out_dir, "state"), model, opt)
-    for _ in range(2):  # step 2, then step 2 again from the restored state: must be identical
-        opt.zero_grad()
-        sharded(_clean_loss, HALVES[1 - rank]).backward()
-        opt.step()
-        out.setdefault("resumed", []).append(params(model))
-        par.load_training_state(os.path.join(out_dir, "state"), model, opt)
-    par.export_hf_checkpoint(model, os.path.join(out_dir, "hf"))
-
-    # noisy batches, with activation checkpointing
-    model = _model()
-    sharded = par.parallelize(model, env, par.ParallelConfig(checkpointing=True))
-    sharded(_noisy_loss, NOISY[rank], rank).backward()
-    out["noisy_grads"] = grads(model)
-
-    # expert parallel (+ checkpointing), then the same without the gradient division
-    for key, divide in (("ep_grads", True), ("ep_undivided_grads", False)):
-        model = _model()
-        config = par.ParallelConfig(expert_parallel=True, checkpointing=divide, divide_expert_gradients=divide)
-        sharded = par.parallelize(model, env, config)
-        assert model.stack.layers[0].experts.gate_up_proj.to_local().shape[0] == 4
-        sharded(_clean_loss, HALVES[rank]).backward()
-        out[key] = grads(model)
-
-    # the GPU configuration: bf16 compute copies of fp32 master weights, fp32 reduction (+ EP, checkpointing)
-    model = _model()
-    config = par.ParallelConfig(expert_parallel=True, checkpointing=True, mixed_precision=True)
-    sharded = par.parallelize(model, env, config)
-    sharded(_clean_loss, HALVES[rank]).backward()
-    out["bf16_grads"] = grads(model)
-    out["bf16_master_dtypes"] = {str(p.dtype) for p in model.parameters()}
-
-    # LoRA on a frozen, sharded base
-    model = _model()
-    adapter = _nonzero_lora(model)
-    sharded = par.parallelize(model, env)
-    sharded(_clean_loss, HALVES[rank]).backward()
-    par.all_reduce_gradients(adapter.parameters())
-    out["lora_grads"] = grads(adapter)
-    out["lora_base_grads"] = [n for n, p in model.named_parameters() if p.grad is not None]
-
+    _fsdp_cases(par, env, rank, out_dir, out)
+    _expert_cases(par, env, rank, out)
+    _lora_case(par, env, rank, out_dir, out)
     if rank == 0:
         torch.save(out, os.path.join(out_dir, "results.pt"))
     par.close_distributed()
@@ -237,6 +256,8 @@ def test_resume_from_dcp_is_exact_and_export_loads(distributed):
     first, again = results["resumed"]
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert any(not torch.equal(first[n], results["fsdp_step"][n]) for n in first)
+    first, again = results["lora_resumed"]  # the adapter and its AdamW moments
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
     exported, _ = load_model(out_dir / "hf", dtype="float32")
     state = exported.state_dict()
     assert all(torch.equal(state[n], results["fsdp_step"][n]) for n in results["fsdp_step"])

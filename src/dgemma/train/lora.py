@@ -363,6 +363,20 @@ def load_adapter(model: DiffusionGemma, directory: str | os.PathLike, *, check_w
     if without:
         raise ValueError(f"{path}: target_modules selects {len(without)} module(s) with no weights in "
                          f"{WEIGHTS_FILE}, e.g. {without[:3]}; the file is incomplete")
+    _check_weights_fit(path, linears, decoder, encoder, rank)
+    expected = metadata.get(_META_WEIGHTS)
+    actual = weights_fingerprint(model, config.targets)
+    if check_weights and expected and actual and expected != actual:
+        raise ValueError(f"{path}: adapter was trained on a base with different weights (fingerprint {expected[:12]} "
+                         f"vs this model's {actual[:12]}); pass check_weights=False to apply it anyway")
+    adapter = _build_from(model, config, decoder)
+    adapter.architecture, adapter.weights_fingerprint = architecture(model), expected or actual
+    _hook_in(model, adapter, {n: linears[n] for n in adapter.target_names})
+    return adapter
+
+
+def _check_weights_fit(path: Path, linears: dict[str, nn.Linear], decoder: dict, encoder: dict, rank: int) -> None:
+    """Every decoder copy has this model's shapes; every encoder copy equals its decoder copy."""
     lone = sorted(set(encoder) - set(decoder))
     if lone:
         raise ValueError(f"{path}: encoder copies without a decoder copy, e.g. {lone[:3]}; dgemma runs both passes "
@@ -376,15 +390,6 @@ def load_adapter(model: DiffusionGemma, directory: str | os.PathLike, *, check_w
         if name in encoder and not (torch.equal(a, encoder[name][0]) and torch.equal(b, encoder[name][1])):
             raise ValueError(f"{path}: the encoder and decoder copies of {name} differ; dgemma runs both passes "
                              "through one module, so it can only load adapters whose two copies are equal")
-    expected = metadata.get(_META_WEIGHTS)
-    actual = weights_fingerprint(model, config.targets)
-    if check_weights and expected and actual and expected != actual:
-        raise ValueError(f"{path}: adapter was trained on a base with different weights (fingerprint {expected[:12]} "
-                         f"vs this model's {actual[:12]}); pass check_weights=False to apply it anyway")
-    adapter = _build_from(model, config, decoder)
-    adapter.architecture, adapter.weights_fingerprint = architecture(model), expected or actual
-    _hook_in(model, adapter, {n: linears[n] for n in adapter.target_names})
-    return adapter
 
 
 def _split_copies(path: Path, raw: dict[str, torch.Tensor]):
