@@ -18,8 +18,9 @@ from dgemma.model.loading import load_model, read_generation_config
 from dgemma.sampler.autoregressive import generate_autoregressive
 from dgemma.sampler.reference import generate
 from dgemma.tokenizer import Tokenizer
-from dgemma.train.loop import Corpus, _step_generator
+from dgemma.train.loop import Corpus
 from dgemma.train.objective import objective
+from dgemma.train.schedule import step_generator as _step_generator
 
 PROMPTS = [("chat", "What is AI?"), ("chat", "Quote Genesis 1:3."), ("chat", "Tell me a joke."),
            ("raw", "The king said"), ("raw", "HAMLET:\nTo be, or not to be"), ("raw", "And God said")]

@@ -25,6 +25,7 @@ from dgemma.bundled import resolve_model
 from dgemma.config import (
     BenchConfig,
     EngineConfig,
+    FinetuneConfig,
     GenerationConfig,
     ServerConfig,
     TrainConfig,
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma block-diffusion language models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_chat, _add_serve, _add_bench, _add_train, _add_data, _add_random_checkpoint):
+    for add in (_add_generate, _add_chat, _add_serve, _add_bench, _add_train, _add_finetune, _add_merge, _add_data,
+                _add_random_checkpoint):
         add(sub)
     return parser
 
@@ -63,6 +65,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                                                  "directory (its newest checkpoint); default: the bundled model")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (peft's format) applied to --model "
+                                                   "without merging it")
 
 
 def _add_generate(sub) -> None:
@@ -130,6 +134,22 @@ def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a DiffusionGemma model (resumes from the newest checkpoint in --out)")
     add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
+
+
+def _add_finetune(sub) -> None:
+    f = sub.add_parser("finetune", help="fine-tune a checkpoint on JSONL data (full or LoRA; torchrun for many "
+                                        "processes)")
+    add_flags(f, FinetuneConfig)
+    f.set_defaults(func=cmd_finetune)
+
+
+def _add_merge(sub) -> None:
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base and write a plain checkpoint")
+    m.add_argument("--model", default=None, help="base checkpoint directory (default: the bundled model)")
+    m.add_argument("--adapter", required=True, help="the adapter directory")
+    m.add_argument("--out", required=True, help="output checkpoint directory")
+    m.add_argument("--dtype", default=None, help="output dtype (default: the base's)")
+    m.set_defaults(func=cmd_merge)
 
 
 def _add_data(sub) -> None:
@@ -231,6 +251,8 @@ def _load(args: argparse.Namespace):
     check_device(args.device)
     model_dir = _model_dir(args.model)
     model, _ = load_model(model_dir, dtype=parse_dtype(args.dtype) if args.dtype else None, device=args.device)
+    if getattr(args, "adapter", None):
+        _load_adapter(model, args.adapter)
     gen = read_generation_config(model_dir, model.config)
     if hasattr(args, "max_new_tokens"):
         gen = gen.replace(**overrides_from_flags(GenerationConfig, args))
@@ -352,6 +374,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         model_dir = _model_dir(args.model)
         model, _ = load_model(model_dir, dtype=dtype, device=args.device)
+        if args.adapter:
+            _load_adapter(model, args.adapter)
         gen = read_generation_config(model_dir, model.config).replace(eos_token_ids=())  # measure full length
     constraint = None
     spec = constraint_spec(args)
@@ -388,6 +412,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = train(from_flags(TrainConfig, args))
     print(f"checkpoint: {out}")
     return 0
+
+
+def _load_adapter(model, directory: str) -> None:
+    from dgemma.train.lora import load_adapter
+
+    try:
+        load_adapter(model, directory)
+    except UserError as exc:  # a mismatched or malformed adapter, with a message that says why
+        raise UsageError(f"--adapter: {exc}") from None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dgemma.train.finetune import finetune
+
+    print(f"result: {finetune(from_flags(FinetuneConfig, args))}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dgemma.train.lora import merge_adapter
+
+    model_dir = _model_dir(args.model)
+    model, _ = load_model(model_dir, dtype="float32")  # the update is added in fp32 and rounded once
+    _load_adapter(model, args.adapter)
+    merge_adapter(model)
+    dtype = parse_dtype(args.dtype) if args.dtype else read_model_dtype(model_dir)
+    out = save_model(model, args.out, generation_config=read_generation_config(model_dir, model.config),
+                     tokenizer_dir=model_dir, dtype=dtype)
+    print(f"wrote {out} ({model_dir.name} + {Path(args.adapter).name}, merged, {dtype})")
+    return 0
+
+
+def read_model_dtype(model_dir: Path) -> str:
+    from dgemma.model.loading import read_model_config
+
+    return read_model_config(model_dir).dtype
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:

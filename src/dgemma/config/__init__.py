@@ -23,11 +23,21 @@ from dgemma.config.generation import (
 )
 from dgemma.config.model import DTYPES, FULL, LAYER_TYPES, SLIDING, LayerShape, ModelConfig, parse_dtype
 from dgemma.config.runtime import BenchConfig, EngineConfig, ServerConfig
-from dgemma.config.train import DataConfig, ModelShape, OptimConfig, TrainConfig
+from dgemma.config.train import (
+    DataConfig,
+    FinetuneConfig,
+    FinetuneOptim,
+    LoraSettings,
+    ModelShape,
+    OptimConfig,
+    SFTData,
+    TrainConfig,
+)
 
 __all__ = [
     "BenchConfig", "ConfigError", "DTYPES", "DataConfig", "EngineConfig", "FULL", "GenerationConfig", "LAYER_TYPES",
     "LayerShape", "MAX_CONFIDENCE_THRESHOLD", "MAX_DENOISING_STEPS", "MAX_ENTROPY_BOUND", "MAX_NEW_TOKENS",
     "MAX_STABILITY", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "ModelConfig", "ModelShape", "OptimConfig", "SEED_RANGE",
     "SLIDING", "ServerConfig", "TrainConfig", "UserError", "check_request", "check_seed", "parse_dtype",
+    "FinetuneConfig", "FinetuneOptim", "LoraSettings", "SFTData",
 ]

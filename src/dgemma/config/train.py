@@ -118,3 +118,81 @@ class TrainConfig:
         for name in ("data", "tokenizer"):
             if not Path(getattr(self.data, name)).is_dir():
                 raise ConfigError(f"--{name} {getattr(self.data, name)}: no such directory (run `dgemma data build`)")
+
+
+@dataclass
+class SFTData:
+    data: str = setting("", "training data: JSONL, one example per line, {\"messages\": [...]} (chat, loss on the "
+                            "assistant turns) or {\"prompt\": ..., \"completion\": ...} (plain text)")
+    eval_data: str = setting("", "held-out JSONL (default: --eval-fraction of --data)")
+    eval_fraction: float = setting(0.05, "share of --data held out for the eval loss when no --eval-data is given")
+    max_length: int = setting(2048, "longest example in tokens (prompt + answer padded to whole canvases)")
+    truncate: bool = setting(False, "cut longer examples' prompts from the left instead of refusing them")
+    batch_size: int = setting(8, "examples per optimisation step (all ranks together)")
+
+
+@dataclass
+class LoraSettings:
+    lora_rank: int = setting(0, "LoRA rank; 0 fine-tunes every weight")
+    lora_alpha: float = setting(32.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input")
+    lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                "linears that get adapters: attention q/k/v/o and the dense MLP (never the router, "
+                                "the experts or the self-conditioning MLP)")
+
+
+@dataclass
+class FinetuneOptim:
+    steps: int = setting(800, "optimisation steps (a resumed run continues to this step)")
+    lr: float = setting(1.5e-4, "peak learning rate (AdamW 0.95/0.99; the released model's recipe)")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a share of the peak (cosine decay)")
+    warmup: int = setting(25, "linear warm-up steps")
+    weight_decay: float = setting(1e-4, "AdamW weight decay of matrices")
+    clip: float = setting(1.0, "gradient norm clipping")
+    self_cond_prob: float = setting(0.5, "probability of the self-conditioning pass per example")
+    seed: int = setting(0, "seed of the adapters' initialisation and of every step's random choices")
+    train_router: bool = setting(False, "also train the router (frozen by default, as in the released recipe)")
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = setting("bundled", "base checkpoint directory (or 'bundled')")
+    out: str = setting("runs/finetune", "run directory: the result (an adapter, or model/ for full fine-tuning) "
+                                       "and checkpoints/step-N/ (resumes from the newest)")
+    data: SFTData = field(default_factory=SFTData)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    eval_every: int = setting(100, "steps between eval losses")
+    save_every: int = setting(200, "steps between checkpoints")
+    keep_checkpoints: int = setting(2, "complete checkpoints kept (the newest)")
+    resume_fallback: bool = setting(False, "resume from an older checkpoint when the newest is damaged")
+    log_every: int = setting(10, "steps between log lines (without a terminal)")
+    device: str = setting("cpu", "torch device (under torchrun: each rank's own GPU, or cpu)")
+    dtype: str = setting("float32", "master weight dtype (the base of a LoRA run may be bfloat16)")
+    threads: int = setting(0, "torch CPU threads (0: torch's default)")
+    expert_parallel: bool = setting(False, "under torchrun: split the experts across ranks")
+    checkpointing: bool = setting(False, "activation checkpointing (recompute each layer's pieces in backward)")
+    stop_after: int = setting(0, "stop (with a checkpoint) at this step, to resume later; 0: run to --steps")
+
+    def validate(self) -> None:
+        for name, value, low in (("steps", self.optim.steps, 1), ("stop_after", self.stop_after, 0),
+                                 ("batch_size", self.data.batch_size, 1),
+                                 ("max_length", self.data.max_length, 2), ("eval_every", self.eval_every, 1),
+                                 ("save_every", self.save_every, 1), ("keep_checkpoints", self.keep_checkpoints, 1),
+                                 ("log_every", self.log_every, 1), ("warmup", self.optim.warmup, 0),
+                                 ("lora_rank", self.lora.lora_rank, 0)):
+            if value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if not self.optim.lr > 0 or not 0 <= self.data.eval_fraction < 1 or not 0 <= self.optim.self_cond_prob <= 1:
+            raise ConfigError("lr must be > 0, eval_fraction in [0, 1), self_cond_prob in [0, 1]")
+        if not self.data.data:
+            raise ConfigError("--data is required: a JSONL file of training examples")
+        for flag in ("data", "eval_data"):
+            value = getattr(self.data, flag)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"--{flag.replace('_', '-')} {value}: no such file")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        nested = {"data": SFTData, "lora": LoraSettings, "optim": FinetuneOptim}
+        return cls(**{k: nested[k](**v) if k in nested else v for k, v in data.items()})

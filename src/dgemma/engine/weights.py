@@ -60,17 +60,24 @@ def mkl_pack(w: torch.Tensor) -> torch.Tensor:
 
 
 class Linear:
-    """y = x @ weight^T, with MKL's packed copy when there is one. `weight` may be a packed copy or the model's
-    own parameter."""
+    """y = x @ weight^T, with MKL's packed copy when there is one, plus a LoRA update scale * B A x when an adapter
+    is attached to an unpacked model (a packed model has it folded into its copy). `weight` may be a packed copy
+    or the model's own parameter."""
 
-    __slots__ = ("mkl", "weight")
+    __slots__ = ("lora", "mkl", "weight")
 
-    def __init__(self, weight: torch.Tensor, mkl: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, mkl: bool = False,
+                 lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> None:
         self.weight = weight
         self.mkl = mkl_pack(weight) if mkl else None
+        self.lora = lora  # (A (r, in), B (out, r), scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.mkl)
+        y = linear(x, self.weight, self.mkl)
+        if self.lora is not None:
+            a, b, scale = self.lora
+            y = y + (F.linear(F.linear(x.to(a.dtype), a), b) * scale).to(y.dtype)
+        return y
 
 
 class Stacked:
@@ -91,6 +98,7 @@ class _Packer:
     def __init__(self, model: DiffusionGemma) -> None:
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         self.copy = size <= PACK_LIMIT
+        self.lora = _attached_lora(model)
         self.transposed = self.copy and model.device.type == "cpu"
         self.mkl = (self.copy and model.device.type == "cpu" and model.dtype == torch.float32
                     and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
@@ -102,9 +110,20 @@ class _Packer:
     def linear(self, *modules: torch.nn.Linear, mkl: bool = True) -> Linear | Stacked:
         """The linears of `modules` (same input) as one product: one packed matrix, or each as it is."""
         weights = [m.weight.detach() for m in modules]
-        if not self.copy:
-            return Linear(weights[0]) if len(weights) == 1 else Stacked([Linear(w) for w in weights])
-        return Linear(self.layout(torch.cat(weights)), mkl=mkl and self.mkl)
+        if not self.copy:  # the parameters as they are, a LoRA update computed beside them
+            parts = [Linear(w, lora=self.lora.get(id(m))) for w, m in zip(weights, modules, strict=True)]
+            return parts[0] if len(parts) == 1 else Stacked(parts)
+        return Linear(self.layout(torch.cat([self.weight(m) for m in modules])), mkl=mkl and self.mkl)
+
+    def weight(self, module: torch.nn.Linear) -> torch.Tensor:
+        """A linear's weight as the engine multiplies it: with an attached adapter's update folded in (a copy)."""
+        w = module.weight.detach()  # the sum in fp32, rounded once, as `train.lora.merge_adapter` forms it
+        return (w.float() + self.delta(module)).to(w.dtype) if id(module) in self.lora else w
+
+    def delta(self, module: torch.nn.Linear) -> torch.Tensor:
+        """scale * B @ A of the adapter on `module` (folded into a packed copy; the model is untouched)."""
+        a, b, scale = self.lora[id(module)]
+        return (b.float() @ a.float()) * scale
 
 
 class DenseExperts:
@@ -214,7 +233,7 @@ def _fold_ffn_inputs(layer, packer: _Packer) -> Linear | None:
         return None
     mlp, experts = layer.mlp, layer.experts
     with torch.no_grad():
-        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        gate_up = torch.cat([packer.weight(mlp.gate_proj), packer.weight(mlp.up_proj)])
         e, two_i, h = experts.gate_up_proj.shape
         rows = [gate_up * pre1.weight.float(), experts.gate_up_proj.reshape(e * two_i, h) * pre2.weight.float(),
                 router.proj.weight * (router.scale.float() * router.root_size)]
@@ -249,8 +268,25 @@ class ModelWeights:
         return _anchors(model) == self.anchors
 
 
+def _attached_lora(model: DiffusionGemma) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """id(target linear) -> (A, B, scale) of the LoRA adapter attached to `model` (`train.lora`), if any."""
+    from dgemma.train.lora import attached_adapter, target_linears  # only when an adapter is used
+
+    adapter = attached_adapter(model)
+    if adapter is None:
+        return {}
+    linears = target_linears(model, adapter.config.targets)
+    return {id(linears[name]): (pair.lora_A.weight.detach(), pair.lora_B.weight.detach(), pair.scale)
+            for name, pair in adapter.pairs().items()}
+
+
 def _anchors(model: DiffusionGemma) -> tuple[tuple[int, int, int], ...]:
-    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+    """Identity, storage and version of every parameter, the attached adapter's included."""
+    from dgemma.train.lora import attached_adapter
+
+    adapter = attached_adapter(model)
+    params = list(model.parameters()) + (list(adapter.parameters()) if adapter is not None else [])
+    return tuple((id(p), p.data_ptr(), p._version) for p in params)
 
 
 def pack_weights(model: DiffusionGemma) -> ModelWeights:

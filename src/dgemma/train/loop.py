@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -25,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from dgemma.config import ConfigError, DataConfig, GenerationConfig, OptimConfig, TrainConfig
+from dgemma.config import ConfigError, DataConfig, GenerationConfig, TrainConfig
 from dgemma.model.init import random_model
 from dgemma.model.loading import load_model
 from dgemma.tokenizer import Tokenizer
 from dgemma.train.checkpoint import find_resume_point, restore_optimizer, save_checkpoint
 from dgemma.train.data import DOC_SEP
 from dgemma.train.objective import Batch, objective
+from dgemma.train.schedule import InterruptFlag, lr_at, step_generator
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +77,6 @@ class Corpus:
                      resp_lens=torch.tensor([len(b) for _, b in examples]))
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7 + salt)
-
-
 def _to(batch: Batch, device: str) -> Batch:
     return Batch(batch.clean.to(device), batch.prompt_lens.to(device), batch.resp_lens.to(device))
 
@@ -99,9 +87,9 @@ def evaluate(model, corpus: Corpus, cfg: TrainConfig) -> dict[str, float]:
     model.eval()
     ar, by_t = [], {t: [] for t in (0.1, 0.5, 0.9)}
     for i in range(cfg.eval_batches):
-        batch = _to(corpus.batch(_step_generator(cfg.optim.seed + 999, i)), cfg.device)
+        batch = _to(corpus.batch(step_generator(cfg.optim.seed + 999, i)), cfg.device)
         for t in by_t:
-            parts = objective(model, batch, _step_generator(cfg.optim.seed + 999, i, 1), pad_id=corpus.pad,
+            parts = objective(model, batch, step_generator(cfg.optim.seed + 999, i, 1), pad_id=corpus.pad,
                               self_cond_prob=0.0, t=torch.full((batch.clean.shape[0],), t, device=cfg.device))
             by_t[t].append(parts.diffusion.item())
         ar.append(parts.encoder.item())
@@ -148,7 +136,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     end = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, stop_after)
     saved = step if resume is not None else -1
     progress = _Progress(cfg, end)
-    with _InterruptFlag() as interrupted:
+    with InterruptFlag() as interrupted:
         while step < end and not interrupted.set:
             parts, tokens = _train_step(model, opt, train_data, cfg, step)
             step += 1
@@ -171,11 +159,11 @@ def _train_step(model, opt, data: Corpus, cfg: TrainConfig, step: int) -> tuple:
     """One optimisation step; every random choice comes from generators seeded with (seed, step)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else _null()
     optim = cfg.optim
-    batch = _to(data.batch(_step_generator(optim.seed, step)), cfg.device)
+    batch = _to(data.batch(step_generator(optim.seed, step)), cfg.device)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, optim)
     with autocast:
-        parts = objective(model, batch, _step_generator(optim.seed, step, 1), pad_id=data.pad,
+        parts = objective(model, batch, step_generator(optim.seed, step, 1), pad_id=data.pad,
                           self_cond_prob=optim.self_cond_prob)
     opt.zero_grad(set_to_none=True)
     parts.total.backward()
@@ -206,34 +194,6 @@ def _save(model, opt, cfg: TrainConfig, tok_dir: Path, step: int, history: list[
                            eos_token_ids=model.config.eos_token_ids, pad_token_id=model.config.pad_token_id)
     save_checkpoint(Path(cfg.out), step, model, opt, {"config": asdict(cfg), "history": history}, tok_dir, gen,
                     keep=cfg.keep_checkpoints)
-
-
-class _InterruptFlag:
-    """While active, the first Ctrl-C (SIGINT) sets `.set` instead of raising, so the loop can finish its step
-    and save; a second Ctrl-C interrupts at once. Outside the main thread it does nothing."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous = None
-
-    def __enter__(self) -> _InterruptFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to stop now)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> bool:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 class _null:

@@ -35,9 +35,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dgemma.config import UserError
 from dgemma.model.modeling import DiffusionGemma
 
 log = logging.getLogger(__name__)
+
+class AdapterError(UserError):
+    """An adapter or LoRA setting that cannot be used with this model; the message says why."""
+
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -71,11 +76,12 @@ class LoraConfig:
         self.targets = tuple(self.targets)
         unknown = sorted(set(self.targets) - set(TARGET_PATHS))
         if unknown or not self.targets:
-            raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; choose from {', '.join(TARGET_PATHS)}")
+            raise AdapterError(f"unknown LoRA targets {unknown or '(none given)'}; "
+                               f"choose from {', '.join(TARGET_PATHS)}")
         if not (isinstance(self.rank, int) and self.rank > 0):
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+            raise AdapterError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise AdapterError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scale(self) -> float:
@@ -197,7 +203,7 @@ def attach_adapter(model: DiffusionGemma, config: LoraConfig | None = None, *, s
 
 def _refuse_second(model: DiffusionGemma) -> None:
     if model in _ATTACHED:
-        raise ValueError("this model already has a LoRA adapter attached; merge_adapter or detach_adapter first")
+        raise AdapterError("this model already has a LoRA adapter attached; merge_adapter or detach_adapter first")
 
 
 def _hook_in(model: DiffusionGemma, adapter: LoraAdapter, linears: dict[str, nn.Linear]) -> None:
@@ -230,7 +236,7 @@ def detach_adapter(model: DiffusionGemma) -> LoraAdapter:
     """Remove the hooks (the model is the base again) and return the adapter."""
     entry = _ATTACHED.pop(model, None)
     if entry is None:
-        raise ValueError("this model has no LoRA adapter attached")
+        raise AdapterError("this model has no LoRA adapter attached")
     for handle in entry[1].handles:
         handle.remove()
     return entry[0]
@@ -306,15 +312,15 @@ def _read_peft_config(path: Path) -> dict:
     try:
         cfg = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: no {CONFIG_FILE}; not a peft adapter directory") from None
+        raise AdapterError(f"{path}: no {CONFIG_FILE}; not a peft adapter directory") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from None
+        raise AdapterError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from None
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
+        raise AdapterError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for key, allowed in (("use_dora", (False, None)), ("bias", ("none", None)), ("fan_in_fan_out", (False, None)),
                          ("modules_to_save", (None, [])), ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None))):
         if cfg.get(key) not in allowed:
-            raise ValueError(f"{path}: {key}={cfg.get(key)!r} is not supported by dgemma's LoRA")
+            raise AdapterError(f"{path}: {key}={cfg.get(key)!r} is not supported by dgemma's LoRA")
     return cfg
 
 
@@ -334,40 +340,40 @@ def load_adapter(model: DiffusionGemma, directory: str | os.PathLike, *, check_w
     _refuse_second(model)
     cfg = _read_peft_config(path)
     if base_model_name_or_path is not None and cfg.get("base_model_name_or_path") != base_model_name_or_path:
-        raise ValueError(f"{path}: adapter was made for base {cfg.get('base_model_name_or_path')!r}, "
+        raise AdapterError(f"{path}: adapter was made for base {cfg.get('base_model_name_or_path')!r}, "
                          f"not {base_model_name_or_path!r}")
     if not (path / WEIGHTS_FILE).exists():
-        raise ValueError(f"{path}: no {WEIGHTS_FILE}")
+        raise AdapterError(f"{path}: no {WEIGHTS_FILE}")
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
         metadata = f.metadata() or {}
         raw = {k: f.get_tensor(k) for k in f.keys()}
     arch = metadata.get(_META_ARCH)
     if arch and arch != architecture(model):
-        raise ValueError(f"{path}: adapter was made for a different base architecture:\n  adapter: {arch}\n"
+        raise AdapterError(f"{path}: adapter was made for a different base architecture:\n  adapter: {arch}\n"
                          f"  model:   {architecture(model)}")
     decoder, encoder = _split_copies(path, raw)
     short = sorted({n.rsplit(".", 1)[-1] for n in decoder})
     unknown = [s for s in short if s not in TARGET_PATHS]
     if unknown:
-        raise ValueError(f"{path}: adapter targets {unknown}, which dgemma's LoRA does not support")
+        raise AdapterError(f"{path}: adapter targets {unknown}, which dgemma's LoRA does not support")
     rank = int(cfg["r"])
     config = LoraConfig(rank=rank, alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
                         targets=tuple(t for t in TARGET_PATHS if t in short), rslora=bool(cfg.get("use_rslora")))
     linears = target_linears(model, DEFAULT_TARGETS)
     missing_modules = sorted(set(decoder) - set(linears))
     if missing_modules:
-        raise ValueError(f"{path}: adapter targets {len(missing_modules)} module(s) this model does not have, "
+        raise AdapterError(f"{path}: adapter targets {len(missing_modules)} module(s) this model does not have, "
                          f"e.g. {missing_modules[:3]}; it was made for a different base")
     selected = [n for n in linears if _peft_selects(cfg["target_modules"], n)]
     without = sorted(set(selected) - set(decoder))
     if without:
-        raise ValueError(f"{path}: target_modules selects {len(without)} module(s) with no weights in "
+        raise AdapterError(f"{path}: target_modules selects {len(without)} module(s) with no weights in "
                          f"{WEIGHTS_FILE}, e.g. {without[:3]}; the file is incomplete")
     _check_weights_fit(path, linears, decoder, encoder, rank)
     expected = metadata.get(_META_WEIGHTS)
     actual = weights_fingerprint(model, config.targets)
     if check_weights and expected and actual and expected != actual:
-        raise ValueError(f"{path}: adapter was trained on a base with different weights (fingerprint {expected[:12]} "
+        raise AdapterError(f"{path}: adapter was trained on a base with different weights (fingerprint {expected[:12]} "
                          f"vs this model's {actual[:12]}); pass check_weights=False to apply it anyway")
     adapter = _build_from(model, config, decoder)
     adapter.architecture, adapter.weights_fingerprint = architecture(model), expected or actual
@@ -379,16 +385,16 @@ def _check_weights_fit(path: Path, linears: dict[str, nn.Linear], decoder: dict,
     """Every decoder copy has this model's shapes; every encoder copy equals its decoder copy."""
     lone = sorted(set(encoder) - set(decoder))
     if lone:
-        raise ValueError(f"{path}: encoder copies without a decoder copy, e.g. {lone[:3]}; dgemma runs both passes "
+        raise AdapterError(f"{path}: encoder copies without a decoder copy, e.g. {lone[:3]}; dgemma runs both passes "
                          "through one module and needs both copies equal")
     for name, (a, b) in decoder.items():
         module = linears[name]
         if tuple(a.shape) != (rank, module.in_features) or tuple(b.shape) != (module.out_features, rank):
-            raise ValueError(f"{path}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, but this model's "
-                             f"layer maps {module.in_features} -> {module.out_features} features at rank {rank}; "
-                             "the adapter was made for a different base")
+            raise AdapterError(f"{path}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, but this "
+                               f"model's layer maps {module.in_features} -> {module.out_features} features at rank "
+                               f"{rank}; the adapter was made for a different base")
         if name in encoder and not (torch.equal(a, encoder[name][0]) and torch.equal(b, encoder[name][1])):
-            raise ValueError(f"{path}: the encoder and decoder copies of {name} differ; dgemma runs both passes "
+            raise AdapterError(f"{path}: the encoder and decoder copies of {name} differ; dgemma runs both passes "
                              "through one module, so it can only load adapters whose two copies are equal")
 
 
@@ -398,7 +404,7 @@ def _split_copies(path: Path, raw: dict[str, torch.Tensor]):
     for key, tensor in raw.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
         if match is None:
-            raise ValueError(f"{path}: unexpected tensor {key!r} in {WEIGHTS_FILE} (only LoRA A/B weights of "
+            raise AdapterError(f"{path}: unexpected tensor {key!r} in {WEIGHTS_FILE} (only LoRA A/B weights of "
                              "linear layers are supported)")
         module, which = match.groups()
         if module.startswith(DECODER_LAYERS):
@@ -407,15 +413,15 @@ def _split_copies(path: Path, raw: dict[str, torch.Tensor]):
             twin = DECODER_LAYERS + module.removeprefix(ENCODER_LAYERS)
             parts["encoder"].setdefault(twin, {})[which] = tensor
         else:
-            raise ValueError(f"{path}: adapter targets {module!r}, outside the text layers dgemma adapts")
+            raise AdapterError(f"{path}: adapter targets {module!r}, outside the text layers dgemma adapts")
     out = {}
     for side, modules in parts.items():
         for name, ab in modules.items():
             if set(ab) != {"lora_A", "lora_B"}:
-                raise ValueError(f"{path}: {side} copy of {name} lacks {({'lora_A', 'lora_B'} - set(ab)).pop()}")
+                raise AdapterError(f"{path}: {side} copy of {name} lacks {({'lora_A', 'lora_B'} - set(ab)).pop()}")
         out[side] = {name: (ab["lora_A"], ab["lora_B"]) for name, ab in modules.items()}
     if not out["decoder"]:
-        raise ValueError(f"{path}: no decoder-layer LoRA weights in {WEIGHTS_FILE}")
+        raise AdapterError(f"{path}: no decoder-layer LoRA weights in {WEIGHTS_FILE}")
     return out["decoder"], out["encoder"]
 
 

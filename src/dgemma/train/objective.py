@@ -36,6 +36,11 @@ class Batch:
     clean: torch.Tensor  # (B, S) long
     prompt_lens: torch.Tensor  # (B,) long
     resp_lens: torch.Tensor  # (B,) long, multiples of canvas_length
+    # (B, S) long: the encoder's next-token target at each position (default: the clean tokens themselves)
+    labels: torch.Tensor | None = None
+    # (B, S) bool: the positions whose target counts in the encoder's loss (default: all of prompt + response;
+    # SFT: the answers only, so history and prompts stay clean context)
+    loss_mask: torch.Tensor | None = None
 
     def response(self, rmax: int, pad_id: int) -> torch.Tensor:
         """(B, R) clean response tokens, left-aligned, padded with pad_id."""
@@ -141,11 +146,13 @@ class LossParts:
 
 def objective(model: DiffusionGemma, batch: Batch, generator: torch.Generator, *, pad_id: int,
               self_cond_prob: float = 0.5, t_eps: float = 1e-3, encoder_weight: float = 1.0,
-              t: torch.Tensor | None = None) -> LossParts:
+              t: torch.Tensor | None = None, always_self_cond_pass: bool = False) -> LossParts:
     """The full training loss for one batch. All randomness comes from `generator` (exact resume).
 
     Only the chosen canvas of each example goes through the decoder: the loss is taken on it alone and
-    canvases do not see each other, so this equals the all-canvas pass restricted to that canvas."""
+    canvases do not see each other, so this equals the all-canvas pass restricted to that canvas.
+    `always_self_cond_pass`: run the self-conditioning pass even when no example of this batch uses it (the
+    same collectives on every rank of a distributed run)."""
     cfg = model.config
     c = cfg.canvas_length
     device = batch.clean.device
@@ -162,17 +169,21 @@ def objective(model: DiffusionGemma, batch: Batch, generator: torch.Generator, *
     canvas, target = torch.gather(noisy, 1, cols), torch.gather(response, 1, cols)
     start, lens = batch.prompt_lens + chosen * c, torch.full_like(chosen, c)
     sc_logits = None
-    if bool(use_sc.any()):
+    if (always_self_cond_pass and self_cond_prob > 0) or bool(use_sc.any()):
         with torch.no_grad():
             _, sc_logits = joint_forward(model, batch, canvas, None, None, start, lens)
     hidden, dec_logits = joint_forward(model, batch, canvas, sc_logits,
                                        use_sc if sc_logits is not None else None, start, lens)
     # Encoder next-token loss over the valid clean sequence (token mean); logits only where needed.
-    total_len = batch.prompt_lens + batch.resp_lens
-    pos = torch.arange(batch.clean.shape[1] - 1, device=device)[None]
-    ar_valid = pos + 1 < total_len[:, None]
+    targets = (batch.clean if batch.labels is None else batch.labels)[:, 1:]
+    if batch.loss_mask is None:
+        total_len = batch.prompt_lens + batch.resp_lens
+        pos = torch.arange(batch.clean.shape[1] - 1, device=device)[None]
+        ar_valid = pos + 1 < total_len[:, None]
+    else:
+        ar_valid = batch.loss_mask[:, 1:]
     enc_logits = model.logits(hidden[:, :-1][ar_valid])
-    ar_loss = F.cross_entropy(enc_logits, batch.clean[:, 1:][ar_valid])
+    ar_loss = F.cross_entropy(enc_logits, targets[ar_valid])
     # Diffusion loss over every position of the chosen canvas (per-example mean, then batch mean).
     diff_loss = F.cross_entropy(dec_logits.transpose(1, 2), target, reduction="none").mean(1).mean()
     return LossParts(total=diff_loss + encoder_weight * ar_loss, diffusion=diff_loss, encoder=ar_loss)

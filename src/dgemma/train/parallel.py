@@ -338,11 +338,43 @@ def save_training_state(directory: str | os.PathLike, module: nn.Module, optimiz
     moments (the model for full SFT, the adapter for LoRA). Restored exactly by `load_training_state`, also
     at another world size."""
     model_state, optim_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+    with warnings.catch_warnings():  # one process: DCP says it assumes a single process, which is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
 
 
 def load_training_state(directory: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     model_state, optim_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+# -- small collectives for the training loops (no-ops in a single process) ----------------------------------
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a number over all ranks."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one (e.g. Ctrl-C reached one rank first)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
