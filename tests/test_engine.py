@@ -705,3 +705,32 @@ def test_encoder_takes_input_embeddings(hf_checkpoint):
     encode_row(model, caches[1], 0, embeds=model.stack.embed(ids))
     assert caches[0].lengths == caches[1].lengths == [5, 0][:1]
     assert all(torch.equal(x, y) for x, y in zip(caches[0].keys, caches[1].keys, strict=True))
+
+
+@pytest.mark.parametrize("stop_at_end", [False, True])
+def test_stop_at_end_matches_reference_and_ignores_padding(hf_checkpoint, monkeypatch, stop_at_end):
+    """The answer (5 tokens and EOS) settles at call 2 while the padding after it keeps changing until call 8: with
+    stop_at_end both samplers stop as soon as the answer is stable; without, when the whole canvas is."""
+    import dgemma.engine.step as step_module
+
+    _, path = hf_checkpoint("base")
+    model, _ = load_model(path)
+    c, weight = model.config.canvas_length, model.stack.embed_tokens.weight
+    calls = {"ref": 0, "fast": 0}
+
+    def hidden(kind):
+        calls[kind] += 1
+        n = calls[kind]
+        t = (torch.arange(c) * 5 + 9 + 13 * min(n, 8)) % 300 + 20  # padding: changes until call 8
+        t[:5] = torch.arange(5) + 40 + 11 * min(n, 2)  # the answer: settles at call 2
+        t[5] = 1  # EOS
+        return 100.0 * weight[t] / weight[t].norm(dim=-1, keepdim=True)
+
+    monkeypatch.setattr(model, "denoise", lambda canvas, cache, sc=None: model.logits(hidden("ref")[None]))
+    monkeypatch.setattr(step_module, "denoise", lambda m, w, cache, canvas, soft, inputs: hidden("fast")[None])
+    gen = GenerationConfig(max_new_tokens=c, max_denoising_steps=12, eos_token_ids=(1,), stop_at_end=stop_at_end)
+    torch.manual_seed(0)
+    ref = generate(model, torch.tensor([[2, 9]]), gen)
+    fast = Engine(model, EngineConfig(max_batch=1, max_context=64)).generate([[2, 9]], gen, [1])[0]
+    assert fast.steps == ref.steps[0] == ([3] if stop_at_end else [9])
+    assert fast.output == ref.token_ids[0] and fast.finish_reason == "stop"

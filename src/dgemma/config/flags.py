@@ -52,8 +52,9 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple[s
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        if kind is bool and not overrides:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None if overrides else default,
+                                help=f"{help_text} (default: the checkpoint's)" if overrides else help_text)
             continue
         if overrides:
             parser.add_argument(flag, type=kind, default=None,

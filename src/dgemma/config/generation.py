@@ -29,6 +29,7 @@ MAX_CONFIDENCE_THRESHOLD = 1e6
 MAX_DENOISING_STEPS = 100_000
 MAX_NEW_TOKENS = 2**31 - 1  # a request is also checked against the model's positions and the engine's context
 MAX_STABILITY = 64
+MAX_END_IDS = 8
 
 
 @dataclass
@@ -43,6 +44,8 @@ class GenerationConfig:
     t_max: float = setting(0.8, "temperature at a canvas's first step")
     stability_threshold: int = setting(1, "steps the argmax canvas must stay unchanged before stopping early")
     confidence_threshold: float = setting(0.005, "stop early when the mean entropy is below this (0: never)")
+    stop_at_end: bool = setting(False, "a canvas may stop once its answer through the end token is stable and "
+                                       "confident, whatever its padding does (dgemma's rule; off: transformers')")
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = 0
 
@@ -84,6 +87,9 @@ class GenerationConfig:
              f"eos token ids must be non-negative integers, got {self.eos_token_ids!r}")
         need(self.pad_token_id is None or (is_int(self.pad_token_id) and self.pad_token_id >= 0),
              f"pad_token_id must be a non-negative integer, got {self.pad_token_id!r}")
+        need(isinstance(self.stop_at_end, bool), f"stop_at_end must be true or false, got {self.stop_at_end!r}")
+        need(not self.stop_at_end or 0 < len(self.eos_token_ids) <= MAX_END_IDS,
+             f"stop_at_end needs 1 to {MAX_END_IDS} end token ids, got {len(self.eos_token_ids)}")
 
     def replace(self, **overrides: Any) -> GenerationConfig:
         """A copy with the given fields changed; `None` values leave a field as it is."""
@@ -101,7 +107,7 @@ class GenerationConfig:
             raise ConfigError(f"generation_config.json must hold a JSON object, not {type(data).__name__}")
         kwargs: dict[str, Any] = {}
         for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max",
-                    "stability_threshold", "confidence_threshold", "pad_token_id"):
+                    "stability_threshold", "confidence_threshold", "pad_token_id", "stop_at_end"):
             if data.get(key) is not None:
                 kwargs[key] = data[key]
         sampler = data.get("sampler_config")
@@ -125,7 +131,7 @@ class GenerationConfig:
             "confidence_threshold": float(self.confidence_threshold),
             "eos_token_id": list(self.eos_token_ids), "pad_token_id": self.pad_token_id,
             "return_dict_in_generate": True,
-        }
+        } | ({"stop_at_end": True} if self.stop_at_end else {})
 
 
 def check_seed(seed: Any) -> int:

@@ -351,6 +351,10 @@ class Engine:
         rs.seed[row], rs.canvas_index[row], rs.n_steps[row] = r.request.seed, r.canvas_index, gen.max_denoising_steps
         rs.t_min[row], rs.t_max[row], rs.stability[row] = gen.t_min, gen.t_max, gen.stability_threshold
         rs.confidence[row], rs.entropy_bound[row] = gen.confidence_threshold, gen.entropy_bound
+        rs.stop_at_end[row] = gen.stop_at_end
+        rs.end_ids[row] = -1
+        if gen.stop_at_end:  # (validated: at most MAX_END_IDS of them)
+            rs.end_ids[row, :len(gen.eos_token_ids)] = torch.tensor(gen.eos_token_ids, device=dev)
 
     def _commit(self, done_rows: list[int]) -> None:
         finished = []

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from dgemma.config.generation import MAX_END_IDS
 from dgemma.engine import rng
 from dgemma.engine.forward import ForwardInputs, denoise, masked_inputs
 from dgemma.engine.kv_cache import StaticKVCache
 from dgemma.engine.sampler import accept_by_rank, fused_sample
 from dgemma.engine.weights import ModelWeights
 from dgemma.model.modeling import DiffusionGemma
-from dgemma.sampler.entropy_bound import LogitsProcessor, accept_mask, temperature
+from dgemma.sampler.entropy_bound import LogitsProcessor, accept_mask, answer_positions, temperature
 
 STREAM_INIT, STREAM_SAMPLE, STREAM_NOISE = 0, 1, 2
 MAX_STABILITY = 8
@@ -66,13 +67,17 @@ class RowSettings(RowTensors):
     stability: torch.Tensor  # (B,) long: stability_threshold
     confidence: torch.Tensor  # (B,) fp32: confidence_threshold
     entropy_bound: torch.Tensor  # (B,) fp32
+    stop_at_end: torch.Tensor  # (B,) bool: the stopping test looks at the answer through its end token only
+    end_ids: torch.Tensor  # (B, MAX_END_IDS) long: the request's end ids, -1 padded
 
     @classmethod
     def zeros(cls, b: int, device: torch.device) -> RowSettings:
         long, f32 = dict(dtype=torch.long, device=device), dict(dtype=torch.float32, device=device)
-        return cls(torch.zeros(b, **long), torch.zeros(b, **long), torch.zeros(b, dtype=torch.int32, device=device),
-                   torch.zeros(b, **f32), torch.zeros(b, **f32), torch.zeros(b, **long), torch.zeros(b, **f32),
-                   torch.zeros(b, **f32))
+        return cls(seed=torch.zeros(b, **long), canvas_index=torch.zeros(b, **long),
+                   n_steps=torch.zeros(b, dtype=torch.int32, device=device), t_min=torch.zeros(b, **f32),
+                   t_max=torch.zeros(b, **f32), stability=torch.zeros(b, **long), confidence=torch.zeros(b, **f32),
+                   entropy_bound=torch.zeros(b, **f32), stop_at_end=torch.zeros(b, dtype=torch.bool, device=device),
+                   end_ids=torch.full((b, MAX_END_IDS), -1, **long))
 
 
 @dataclass
@@ -110,12 +115,15 @@ def update_state(model: DiffusionGemma, w: ModelWeights, hidden: torch.Tensor, s
     accept = accept_by_rank if torch.compiler.is_compiling() else accept_mask
     accepted = accept(out.entropy, settings.entropy_bound[:, None])
     canvas = torch.where(accepted, out.sampled, noise)
-    # each row compares its argmax with its last k argmax canvases (k = its stability_threshold)
+    # each row compares its argmax with its last k argmax canvases (k = its stability_threshold); with stop_at_end,
+    # over its answer through the first end token only
     history = state.history
     width = history.shape[1]
     ignored = torch.arange(width, device=hidden.device)[None] < (width - settings.stability)[:, None]
-    stable = ((history == out.argmax_canvas[:, None]).all(-1) | ignored).all(-1)
-    stop = stable & (out.entropy.mean(-1) < settings.confidence)
+    answer = answer_positions(out.argmax_canvas, settings.end_ids) | ~settings.stop_at_end[:, None]
+    stable = (((history == out.argmax_canvas[:, None]) | ~answer[:, None]).all(-1) | ignored).all(-1)
+    mean = torch.where(settings.stop_at_end, (out.entropy * answer).sum(-1) / answer.sum(-1), out.entropy.mean(-1))
+    stop = stable & (mean < settings.confidence)
     live = ~state.stopped
     return StepState(
         canvas=torch.where(live[:, None], canvas, state.canvas),

@@ -9,7 +9,9 @@ random draws the results are bit-identical (tests/test_sampler.py injects logits
 - `accept_mask`: keep the k lowest-entropy positions with sum(H_1..H_k) - max(H_1..H_k) <= bound
   (at least one position is always accepted);
 - `stable_and_confident`: argmax unchanged for `stability_threshold` steps and mean entropy below the
-  confidence threshold;
+  confidence threshold; with `stop_at_end` (dgemma's option, off for transformers' rule) over the answer
+  positions only (`answer_positions`: through the first end id), so a short answer need not wait for its
+  padding to settle;
 - `trim_generated`: the public answer, at most `max_new_tokens` ids ending before the first end id.
 `LogitsProcessor` is the per-position hook both samplers apply to the processed logits before anything is
 drawn from them (identity when absent): where grammar masks and top-k/top-p go.
@@ -50,21 +52,37 @@ def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
 
 
 def stable_and_confident(history: torch.Tensor | None, argmax_canvas: torch.Tensor, entropy: torch.Tensor,
-                         stability_threshold: int, confidence_threshold: float
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         stability_threshold: int, confidence_threshold: float,
+                         answer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stopping test for one step. `history` (stability_threshold, B, C) holds the last argmax
-    canvases (starts at -1); returns (stop (B,) bool, updated history)."""
+    canvases (starts at -1); returns (stop (B,) bool, updated history). `answer` (B, C) bool: the positions
+    the test looks at (`answer_positions`; default all, transformers' rule)."""
     if stability_threshold == 0:
         stable = torch.ones(argmax_canvas.shape[0], device=argmax_canvas.device, dtype=torch.bool)
     else:
         if history is None:
             history = torch.full((stability_threshold, *argmax_canvas.shape), -1, dtype=argmax_canvas.dtype,
                                  device=argmax_canvas.device)
-        stable = (history == argmax_canvas[None]).all(dim=-1).all(dim=0)
+        same = history == argmax_canvas[None]
+        if answer is not None:
+            same = same | ~answer[None]
+        stable = same.all(dim=-1).all(dim=0)
         history = torch.roll(history, shifts=-1, dims=0)
         history[-1] = argmax_canvas
-    confident = entropy.mean(dim=-1) < confidence_threshold
+    if answer is None:
+        confident = entropy.mean(dim=-1) < confidence_threshold
+    else:
+        confident = (entropy * answer).sum(-1) / answer.sum(-1) < confidence_threshold
     return stable & confident, history
+
+
+def answer_positions(argmax_canvas: torch.Tensor, end_ids: torch.Tensor) -> torch.Tensor:
+    """(B, C) bool: the positions up to and including the first end id of each argmax canvas (every position
+    when it has none): what `stop_at_end` looks at. `end_ids` (B, K) per row, -1 for none."""
+    is_end = (argmax_canvas[..., None] == end_ids[:, None, :]).any(-1)
+    c = argmax_canvas.shape[-1]
+    first = torch.where(is_end.any(-1), is_end.to(torch.int8).argmax(-1), c - 1)
+    return torch.arange(c, device=argmax_canvas.device)[None] <= first[:, None]
 
 
 def trim_generated(ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...]) -> tuple[list[int], str]:

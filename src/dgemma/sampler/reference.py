@@ -31,6 +31,7 @@ from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import (
     LogitsProcessor,
     accept_mask,
+    answer_positions,
     apply_processor,
     stable_and_confident,
     temperature,
@@ -68,6 +69,7 @@ def denoise_canvas(model: DiffusionGemma, cache: KVCache, gen: GenerationConfig,
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
     nfe = torch.zeros(batch, dtype=torch.int, device=device)
     history = None
+    end_ids = torch.tensor([gen.eos_token_ids] * batch, device=device) if gen.stop_at_end else None
     for step in range(gen.max_denoising_steps, 0, -1):
         nfe += ~(stopped | done_rows)
         logits = model.denoise(canvas, cache, self_cond_logits)
@@ -84,8 +86,9 @@ def denoise_canvas(model: DiffusionGemma, cache: KVCache, gen: GenerationConfig,
             new_argmax = torch.where(stopped[:, None], argmax_canvas, new_argmax)
             new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
             processed = torch.where(stopped[:, None, None], self_cond_logits, processed)
+        answer = answer_positions(new_argmax, end_ids) if end_ids is not None else None
         stop, history = stable_and_confident(history, new_argmax, entropy, gen.stability_threshold,
-                                             gen.confidence_threshold)
+                                             gen.confidence_threshold, answer)
         stopped |= stop
         canvas, argmax_canvas = new_canvas, new_argmax
         self_cond_logits = processed.to(model.dtype)
