@@ -36,6 +36,7 @@ from dgemma.server.protocol import (
     error_body,
 )
 from dgemma.server.serving import Serving, error_response
+from dgemma.server.tools import ToolDefinitionError, ToolSet
 from dgemma.server.worker import EngineWorker
 from dgemma.tokenizer import Tokenizer
 
@@ -112,7 +113,11 @@ async def _tokenize(serving: Serving, request: Request):
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             messages = [m.for_template(i) for i, m in enumerate(body.messages)]
-            ids = tok.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+            tools = ToolSet.from_request(body.tools).rendered() if body.tools else None
+            kwargs = body.chat_template_kwargs.model_dump() if body.chat_template_kwargs else {}
+            ids = tok.encode_chat(messages, add_generation_prompt=body.add_generation_prompt, tools=tools, **kwargs)
+    except ToolDefinitionError as exc:
+        return error_response(ProtocolError(str(exc), param=exc.param))
     except ProtocolError as exc:
         return error_response(exc)
     except UserError as exc:

@@ -393,6 +393,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

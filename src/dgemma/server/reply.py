@@ -127,6 +127,7 @@ class ReplyParser:
             end = inner.find(TOOL_CALL_CLOSE)
             if end < 0:  # an open call: wait for its end, or give its text back as content at the end
                 if final:
+                    self.errors.append("a call was opened and never closed (no <tool_call|>)")
                     self._content(body[start:], d)
                     self.pos = len(text)
                 return

@@ -8,7 +8,8 @@ Log-probabilities (`TokenTexts`): each returned token's text is its share of the
 inside a character has "" and the character goes to the token that completes it), `bytes` its UTF-8. A choice
 lists the tokens whose text lies within the returned text (cut at a stop string: a token that straddles the cut
 is listed, one wholly after it is not). Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions:
-{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}.
+{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}. A token a filter or a grammar ruled out
+has log-probability -inf, which JSON cannot hold: it is written LOGPROB_FLOOR (-9999.0, vLLM's convention).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ import time
 from typing import Any
 
 from dgemma.tokenizer import Tokenizer
+
+LOGPROB_FLOOR = -9999.0
+
+
+def _lp(value: float) -> float:
+    return value if value > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def sse(obj: dict[str, Any], event: str | None = None) -> str:
@@ -108,7 +115,7 @@ class TokenTexts:
 def chat_logprobs(texts: TokenTexts, full: str, lo: int, hi: int, logprobs: list[float],
                   tops: list[list[tuple[int, float]]]) -> dict[str, Any]:
     """Tokens lo..hi-1 in chat's format."""
-    entry = lambda text, lp: {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    entry = lambda text, lp: {"token": text, "logprob": _lp(lp), "bytes": list(text.encode("utf-8"))}
     content = []
     for i in range(lo, hi):
         item = entry(texts.text_of(i, full), logprobs[i])
@@ -121,6 +128,8 @@ def completion_logprobs(texts: TokenTexts, full: str, lo: int, hi: int, logprobs
                         tops: list[list[tuple[int, float]]], offset: int = 0) -> dict[str, Any]:
     """Tokens lo..hi-1 in the legacy completions format; text offsets from `offset`."""
     starts = texts.starts()
-    return {"tokens": [texts.text_of(i, full) for i in range(lo, hi)], "token_logprobs": logprobs[lo:hi],
-            "top_logprobs": [{texts.token_text(t): v for t, v in tops[i]} for i in range(lo, hi)] if tops else None,
+    return {"tokens": [texts.text_of(i, full) for i in range(lo, hi)],
+            "token_logprobs": [_lp(v) for v in logprobs[lo:hi]],
+            "top_logprobs": [{texts.token_text(t): _lp(v) for t, v in tops[i]} for i in range(lo, hi)] if tops
+            else None,
             "text_offset": [offset + starts[i] for i in range(lo, hi)]}
