@@ -29,9 +29,11 @@ TIME = {"type": "function", "function": {
     "name": "get_time", "description": "The time in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "utc": {"type": "boolean"}},
                    "required": ["city", "utc"]}}}
-CORPUS = ["call:get_weather city Paris London Tokyo Lima Oslo Cairo days response:get_weather value sunny rainy",
-          "what is the weather in Paris? It is sunny in Paris. It is rainy in London. the king said to the queen",
-          "get_time utc true false call: response: the night was long"] * 20
+CORPUS = (["call:weather{city:Paris,London,Tokyo,Lima,Oslo,Cairo}response:weather{value:sunny,rainy}"] * 30
+          + ["what is the weather in? It is sunny. It is rainy."] * 30  # cities only after ':' or ',': one token
+          + ["call:get_weather{city: days response:get_weather{value: get_time utc true false the king night"] * 10
+          + ["declaration:weather{description:weather now,parameters:{properties:{city:{type:STRING}},required:"
+             "city,type:OBJECT}}system user model"] * 30)
 
 
 def gemma4_checkpoint(hf_checkpoint, tmp_path_factory, name="gemma4_tok"):

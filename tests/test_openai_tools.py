@@ -268,3 +268,18 @@ def test_constraints_after_thinking(bundled_tokenizer):
         after_thinking(ConstraintSpec("grammar", "start: /a/"), markers)
     with pytest.raises(ConstraintError, match="exact"):
         after_thinking(ConstraintSpec("regex", "a+", mode="exact"), markers)
+
+
+MESSAGES = st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "user", "assistant", "developer"]),
+    "content": st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)}), min_size=1, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=MESSAGES, generation_prompt=st.booleans())
+def test_conversations_without_tools_render_as_before(bundled_tokenizer, messages, generation_prompt):
+    """The bundled template is additive: without tools, tool messages or thinking it writes what it always wrote."""
+    from dgemma.train.data import PLAIN_TEMPLATE
+
+    before = Tokenizer(bundled_tokenizer._tok, bundled_tokenizer.config, PLAIN_TEMPLATE)
+    assert bundled_tokenizer.render_chat(messages, generation_prompt) == before.render_chat(messages, generation_prompt)

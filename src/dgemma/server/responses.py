@@ -93,6 +93,12 @@ class TokenTexts:
             text = self.tok.decode(self.ids, keep=self.keep) if self.tok is not None else ""
             self.ends.append(max(len(text.rstrip("\ufffd")), self.ends[-1] if self.ends else 0))
 
+    def finish(self) -> None:
+        """The answer is complete: a character left incomplete at its end (decoded as U+FFFD) belongs to its last
+        token."""
+        if self.ids and self.tok is not None:
+            self.ends[-1] = max(self.ends[-1], len(self.tok.decode(self.ids, keep=self.keep)))
+
     def starts(self) -> list[int]:
         return [0, *self.ends[:-1]]
 

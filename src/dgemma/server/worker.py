@@ -113,6 +113,8 @@ class Choice:
         self.stream.push(tokens, final)
         if self.texts is not None:
             self.texts.add(tokens)
+            if final:
+                self.texts.finish()
         text = self.stream.text
         safe, stopped = self.matcher.feed(text)
         if final and not stopped:
