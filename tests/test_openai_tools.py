@@ -283,3 +283,38 @@ def test_conversations_without_tools_render_as_before(bundled_tokenizer, message
 
     before = Tokenizer(bundled_tokenizer._tok, bundled_tokenizer.config, PLAIN_TEMPLATE)
     assert bundled_tokenizer.render_chat(messages, generation_prompt) == before.render_chat(messages, generation_prompt)
+
+
+SCHEMAS = st.recursive(
+    st.fixed_dictionaries({}, optional={
+        "type": st.one_of(st.sampled_from(["string", "integer", "number", "boolean", "null", "array", "object"]),
+                          st.lists(st.sampled_from(["string", "integer", "null"]), min_size=1, max_size=2)),
+        "enum": st.lists(st.one_of(st.text(max_size=4), st.integers(-3, 3), st.booleans(), st.none()), min_size=1,
+                         max_size=3),
+        "minimum": st.integers(-5, 5), "maximum": st.integers(-5, 5), "exclusiveMinimum": st.integers(-5, 5),
+        "minItems": st.integers(0, 2), "maxItems": st.integers(0, 3), "description": st.text(max_size=5),
+        "pattern": st.just("^a"), "const": st.one_of(st.text(max_size=3), st.integers())}),
+    lambda inner: st.fixed_dictionaries({"type": st.just("object")}, optional={
+        "properties": st.dictionaries(st.sampled_from(["city", "Days", "x", "a-b"]), inner, max_size=3),
+        "required": st.lists(st.sampled_from(["city", "Days", "x"]), max_size=2, unique=True),
+        "items": inner, "anyOf": st.lists(inner, min_size=1, max_size=2)}),
+    max_leaves=8)
+
+
+@settings(max_examples=120, deadline=None)
+@given(schema=SCHEMAS)
+def test_any_schema_gives_a_valid_grammar_or_a_named_refusal(bundled_tokenizer, schema):
+    """The argument grammar builder on random schemas: a grammar llguidance accepts, or ConstraintError; never
+    another error (the server would answer 500)."""
+    from dgemma.constrain.canvas import canvas_constraint
+
+    params = {"type": "object", "properties": {"arg": schema}}
+    try:
+        fn = ToolSet.from_request([{"type": "function", "function": {"name": "f", "parameters": params}}])
+    except ToolDefinitionError:
+        return
+    try:
+        grammar = tool_call_grammar(list(fn.functions.values()), Markers({}), parallel=True, thinking=True)
+        canvas_constraint(ConstraintSpec("grammar", grammar), bundled_tokenizer, 4096, (1, 6), 32)
+    except ConstraintError:
+        pass

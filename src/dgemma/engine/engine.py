@@ -65,6 +65,9 @@ class GenerationRequest:
     # call has request.done set), on_draft(request, argmax canvas) after each denoising step
     on_tokens: Callable[[GenerationRequest, list[int]], None] | None = None
     on_draft: Callable[[GenerationRequest, list[int]], None] | None = None
+    # on_step(request, argmax canvas, its log-probabilities) after each denoising step of the request's canvas
+    # (what bench/prefix_replay.py records; a host sync every step, as on_draft)
+    on_step: Callable[[GenerationRequest, list[int], list[float]], None] | None = None
     # the prompt continues the context already in the cache (a single-row engine owned by a chat session)
     extend_context: bool = False
     # structured output: masks or exact marginals applied at every step, the committed canvases valid
@@ -320,8 +323,8 @@ class Engine:
         """After a step: tell drafts, follow settled prefixes, and commit the rows whose canvas is done. Rows whose
         confidence threshold is 0 never stop early (a rounding-level stop would still be committed, frozen, at the
         canvas's last step): no sync is needed for them until then."""
-        drafts = any(r.request.on_draft is not None or r.request.constraint is not None or r.tracker is not None
-                     for r in self.rows)
+        drafts = any(r.request.on_draft is not None or r.request.on_step is not None or r.request.constraint is not None
+                     or r.tracker is not None for r in self.rows)
         early = self._since_sync >= self.sync_every and any(r.request.gen.confidence_threshold > 0 for r in self.rows)
         if not (drafts or early or any(r.steps_left == 0 for r in self.rows)):
             return
@@ -352,10 +355,14 @@ class Engine:
             r.prev_argmax = state.argmax_canvas[row].tolist()
         if req.on_draft is not None:
             req.on_draft(req, state.argmax_canvas[row].tolist())
-        if r.tracker is None:
+        if r.tracker is None and req.on_step is None:
             return False
         argmax = r.prev_argmax or state.argmax_canvas[row].tolist()
         logprob = state.argmax_logprob[row].tolist()
+        if req.on_step is not None:
+            req.on_step(req, argmax, logprob)
+        if r.tracker is None:
+            return False
         r.tracker.update(argmax, logprob)
         if req.prefix != "lock" or r.tracker.locked == r.emitted:
             return False

@@ -264,7 +264,10 @@ def _int_bounds(schema: dict[str, Any], path: str) -> tuple[int | None, int | No
     for v in (low, high):
         if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v != int(v)):
             raise ConstraintError(f"{path}: integer bounds must be integers, got {v!r}")
-    return (None if low is None else int(low)), (None if high is None else int(high))
+    low, high = (None if low is None else int(low)), (None if high is None else int(high))
+    if low is not None and high is not None and low > high:
+        raise ConstraintError(f"{path}: no integer lies in [{low}, {high}]")
+    return low, high
 
 
 def tool_call_grammar(functions: list[Function], markers: Markers, parallel: bool, thinking: bool) -> str:
