@@ -106,8 +106,10 @@ class GenerationRequest:
         """n independent requests for this one's prompt (OpenAI's `n`): choice 0 is this request, choice i a copy
         with seed `derive_seed(seed, i)` whose prompt prefill is shared (`prefill_from`). Callbacks are shared;
         replace them per choice to tell the choices apart."""
-        copies = [dataclasses.replace(self, seed=derive_seed(self.seed, i), prefill_from=self, output=[], steps=[],
-                                      token_logprobs=[], top_logprobs=[], id=next(_REQUEST_IDS))
+        fresh = dict(output=[], steps=[], token_logprobs=[], top_logprobs=[], prefix_stats=None, finish_reason=None,
+                     error=None, cancelled=False, first_token_at=None, finished_at=None, admitted_at=None)
+        copies = [dataclasses.replace(self, seed=derive_seed(self.seed, i), prefill_from=self, id=next(_REQUEST_IDS),
+                                      submitted_at=time.perf_counter(), **fresh)
                   for i in range(1, n)]
         return [self, *copies]
 
@@ -165,7 +167,7 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationRequest:
-        self._validate(request)
+        self.validate(request)
         self.waiting.append(request)
         return request
 
@@ -340,7 +342,7 @@ class Engine:
                 if self._after_step(row, r, state):
                     ended.append(row)
             except Exception as exc:  # noqa: BLE001 - a caller's callback fails its own request only
-                self._fail(r.request, f"callback failed: {exc!r}")
+                self._fail(r.request, f"a callback (on_draft, on_step or on_tokens) failed: {exc!r}")
                 failed.append(row)
         done = [r for i, r in enumerate(self.rows)
                 if (stopped[i] or r.steps_left == 0) and i not in failed and i not in ended]
@@ -407,7 +409,7 @@ class Engine:
             req.top_logprobs.extend([list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)])
 
     # -- admission, commits, release ---------------------------------------------------------------------
-    def _validate(self, request: GenerationRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         """Everything about a request that could fail later, checked before it is queued (ConfigError)."""
         if not isinstance(request.gen, GenerationConfig):
             raise ConfigError(f"request.gen must be a GenerationConfig, got {type(request.gen).__name__}")

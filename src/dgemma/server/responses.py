@@ -21,6 +21,7 @@ from typing import Any
 from dgemma.tokenizer import Tokenizer
 
 LOGPROB_FLOOR = -9999.0
+_WINDOW = 8  # tokens of context when measuring what a token adds to the text (a character spans at most 4)
 
 
 def _lp(value: float) -> float:
@@ -88,10 +89,21 @@ class TokenTexts:
         self.ends: list[int] = []  # end offset of each token's text
 
     def add(self, ids: list[int]) -> None:
+        """Each new token's end offset: what it adds to the decode of the few tokens before it (enough to complete
+        any character, so the sum is the whole decode's length for a prefix-consistent decoder, as byte-level and
+        byte-fallback ones are), without decoding the whole answer again per token."""
         for t in ids:
             self.ids.append(t)
-            text = self.tok.decode(self.ids, keep=self.keep) if self.tok is not None else ""
-            self.ends.append(max(len(text.rstrip("\ufffd")), self.ends[-1] if self.ends else 0))
+            if self.tok is None:
+                self.ends.append(0)
+                continue
+            i = len(self.ids) - 1
+            window = self.ids[max(0, i - _WINDOW):]
+            grown = len(self._text(window)) - len(self._text(window[:-1]))
+            self.ends.append((self.ends[-1] if self.ends else 0) + max(grown, 0))
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, keep=self.keep).rstrip("\ufffd") if ids else ""
 
     def finish(self) -> None:
         """The answer is complete: a character left incomplete at its end (decoded as U+FFFD) belongs to its last

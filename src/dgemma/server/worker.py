@@ -62,7 +62,7 @@ class EngineWorker:
             raise ProtocolError("the server is busy (request queue full); retry later", status=429,
                                 code="rate_limit_exceeded")
         for r in requests:
-            self.engine._validate(r)
+            self.engine.validate(r)
         for r in requests:
             self.engine.submit(r)
         self._wake.set()
