@@ -106,10 +106,11 @@ class GenerationRequest:
         """n independent requests for this one's prompt (OpenAI's `n`): choice 0 is this request, choice i a copy
         with seed `derive_seed(seed, i)` whose prompt prefill is shared (`prefill_from`). Callbacks are shared;
         replace them per choice to tell the choices apart."""
-        fresh = dict(output=[], steps=[], token_logprobs=[], top_logprobs=[], prefix_stats=None, finish_reason=None,
-                     error=None, cancelled=False, first_token_at=None, finished_at=None, admitted_at=None)
+        fresh = lambda: dict(output=[], steps=[], token_logprobs=[], top_logprobs=[], prefix_stats=None,
+                             finish_reason=None, error=None, cancelled=False, first_token_at=None, finished_at=None,
+                             admitted_at=None)  # new lists for each copy
         copies = [dataclasses.replace(self, seed=derive_seed(self.seed, i), prefill_from=self, id=next(_REQUEST_IDS),
-                                      submitted_at=time.perf_counter(), **fresh)
+                                      submitted_at=time.perf_counter(), **fresh())
                   for i in range(1, n)]
         return [self, *copies]
 
