@@ -140,6 +140,7 @@ def test_sigkill_at_any_moment_then_resume_is_exact(data_dirs, tmp_path):
     last = _driver(cfg, tmp_path, 0.0)
     assert last.wait(timeout=120) == 0, last.stderr.read()
     assert "resuming" in last.stderr.read()
+    print(f"SIGKILLs by moment: {kills}")
     assert kills["save"] >= 2 and sum(kills.values()) >= 5, kills
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
     assert sorted(p.name for p in out.glob("step-*")) == ["step-00000010", "step-00000012"]

@@ -163,6 +163,7 @@ class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
     eval_every: int = setting(100, "steps between eval losses")
+    eval_examples: int = setting(64, "held-out examples per eval (the first ones, so evals compare)")
     save_every: int = setting(200, "steps between checkpoints")
     keep_checkpoints: int = setting(2, "complete checkpoints kept (the newest)")
     resume_fallback: bool = setting(False, "resume from an older checkpoint when the newest is damaged")
@@ -178,6 +179,7 @@ class FinetuneConfig:
         for name, value, low in (("steps", self.optim.steps, 1), ("stop_after", self.stop_after, 0),
                                  ("batch_size", self.data.batch_size, 1),
                                  ("max_length", self.data.max_length, 2), ("eval_every", self.eval_every, 1),
+                                 ("eval_examples", self.eval_examples, 1),
                                  ("save_every", self.save_every, 1), ("keep_checkpoints", self.keep_checkpoints, 1),
                                  ("log_every", self.log_every, 1), ("warmup", self.optim.warmup, 0),
                                  ("lora_rank", self.lora.lora_rank, 0)):

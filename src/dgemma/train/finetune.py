@@ -75,6 +75,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if not end_ids:
         raise ConfigError(f"{base}: the checkpoint names no end token ids; fine-tuning needs one to end answers")
     train_set, held = _data(cfg, tok, end_ids, c)
+    held = held[:cfg.eval_examples]
     step, history = _resume(run)
     _say(env, f"fine-tuning {base} ({'LoRA rank ' + str(cfg.lora.lora_rank) if run.adapter else 'all weights'}, "
               f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable) on {len(train_set)} examples "
