@@ -471,7 +471,7 @@ def test_masked_forward_and_advance_match_the_eager_step(monkeypatch, compile_fo
     monkeypatch.undo()
     assert masked_inputs(engine.cache, torch.tensor(lengths), torch.arange(8 + max(lengths))).full_mask is not None
     for key, value in body_state.tensors().items():
-        if key == "soft":
+        if key in ("soft", "argmax_logprob"):  # floats: the traced forms round differently
             torch.testing.assert_close(value, eager[key], atol=1e-5, rtol=1e-5)
         else:
             assert torch.equal(value, eager[key]), key

@@ -64,5 +64,5 @@ def test_generation_config_validation():
     with pytest.raises(ValueError, match="entropy_bound"):
         GenerationConfig(entropy_bound=-1.0)
     with pytest.raises(ValueError, match="unknown generation settings"):
-        GenerationConfig().replace(top_p=0.9)
+        GenerationConfig().replace(repetition_penalty=1.1)
     assert GenerationConfig().replace(t_min=None, max_new_tokens=7).max_new_tokens == 7

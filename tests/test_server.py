@@ -96,9 +96,10 @@ def test_seed_reproducible_and_stop_strings(client):
 
 
 @pytest.mark.parametrize("extra,param", [
-    (dict(n=2), "n"), (dict(logprobs=True), "logprobs"), (dict(response_format={"type": "xml"}),
-                                                          "response_format"),
-    (dict(top_p=0.5), "top_p"), (dict(temperature=3.0), "temperature"), (dict(max_tokens=0), "max_tokens"),
+    (dict(n=9), "n"), (dict(top_logprobs=2), "top_logprobs"), (dict(response_format={"type": "xml"}),
+                                                                "response_format"),
+    (dict(presence_penalty=0.5), "presence_penalty"), (dict(temperature=3.0), "temperature"),
+    (dict(max_tokens=0), "max_tokens"),
 ])
 def test_bad_requests_are_400(client, extra, param):
     with pytest.raises(openai.BadRequestError) as err:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai_fixtures import gemma4_checkpoint
 from test_server import _app, _Server
 
 SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udc80\ud800"])
@@ -26,22 +27,57 @@ BOOLS = st.one_of(st.booleans(), st.sampled_from(["yes", "true", 1, 0, None]))
 JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), TEXT),
                        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
                        max_leaves=8)
+TOOL_CALL = st.fixed_dictionaries({}, optional={
+    "id": st.one_of(TEXT, st.integers()), "type": st.sampled_from(["function", "bogus"]),
+    "function": st.one_of(st.fixed_dictionaries({}, optional={
+        "name": st.one_of(st.sampled_from(["get_weather", "f", "bad name"]), TEXT),
+        "arguments": st.one_of(st.sampled_from(['{"city": "Paris"}', "{", "[]", "null"]), TEXT, JSONISH)}), JSONISH)})
 MESSAGE = st.fixed_dictionaries({}, optional={
     "role": st.sampled_from(["user", "system", "assistant", "developer", "tool", "bogus", 3]),
-    "content": st.one_of(TEXT, st.integers(), st.none(), st.lists(TEXT, max_size=2)), "name": TEXT})
+    "content": st.one_of(TEXT, st.integers(), st.none(), st.lists(TEXT, max_size=2),
+                         st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                         "text": TEXT}), max_size=2)),
+    "name": TEXT, "tool_calls": st.one_of(st.lists(TOOL_CALL, max_size=2), JSONISH), "tool_call_id": TEXT,
+    "reasoning_content": TEXT})
+SCHEMA = st.recursive(
+    st.fixed_dictionaries({}, optional={
+        "type": st.sampled_from(["string", "integer", "number", "boolean", "null", "array", "object", "bogus"]),
+        "enum": st.lists(st.one_of(TEXT, st.integers(), st.booleans()), max_size=3), "minimum": INTS,
+        "maximum": INTS, "pattern": TEXT, "minItems": INTS}),
+    lambda inner: st.fixed_dictionaries({"type": st.just("object")}, optional={
+        "properties": st.dictionaries(st.sampled_from(["city", "days", "x", ""]), inner, max_size=3),
+        "required": st.one_of(st.lists(st.sampled_from(["city", "days", "zz"]), max_size=2), TEXT),
+        "items": inner, "anyOf": st.lists(inner, max_size=2), "additionalProperties": BOOLS}),
+    max_leaves=6)
+TOOL = st.one_of(
+    st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.one_of(st.sampled_from(["get_weather", "f", "bad name", "x" * 65]), TEXT)},
+        optional={"description": st.one_of(TEXT, st.integers()), "parameters": st.one_of(SCHEMA, JSONISH),
+                  "strict": BOOLS})}),
+    JSONISH)
+TOOL_CHOICE = st.one_of(st.sampled_from(["auto", "none", "required", "sometimes", None]), JSONISH,
+                        st.fixed_dictionaries({"type": st.just("function"),
+                                               "function": st.fixed_dictionaries({"name": st.sampled_from(
+                                                   ["get_weather", "f", "nope"])})}))
 FIELDS = {
     "model": st.sampled_from(["tiny", "tiny", "tiny", "other", "", 5, None]),
     "prompt": st.one_of(TEXT, st.lists(st.integers(-5, 400), max_size=8), st.lists(st.booleans(), max_size=2),
                         st.just([]), st.integers(), st.none()),
     "messages": st.one_of(st.lists(MESSAGE, max_size=3), TEXT, st.just([])),
-    "max_tokens": INTS, "max_completion_tokens": INTS, "seed": INTS, "n": INTS, "best_of": INTS,
+    "max_tokens": INTS, "max_completion_tokens": INTS, "seed": INTS, "best_of": INTS,
+    "n": st.one_of(st.sampled_from([1, 2, 3, 8, 9]), INTS),
     "max_denoising_steps": st.one_of(st.sampled_from([0, 1, 2, 1025, -5, 2**70]), INTS),
     "temperature": NUMBERS, "top_p": NUMBERS, "entropy_bound": NUMBERS, "confidence_threshold": NUMBERS,
     "stream": BOOLS, "draft": BOOLS, "echo": BOOLS, "logprobs": st.one_of(BOOLS, INTS),
     "stop": st.one_of(TEXT, st.lists(TEXT, max_size=6), st.integers(), st.none()),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": BOOLS}), JSONISH),
-    "response_format": JSONISH, "tools": JSONISH, "tool_choice": JSONISH, "user": st.one_of(TEXT, st.integers()),
-    "suffix": TEXT,
+    "response_format": JSONISH, "tools": st.one_of(st.lists(TOOL, max_size=3), JSONISH), "tool_choice": TOOL_CHOICE,
+    "user": st.one_of(TEXT, st.integers()), "suffix": TEXT,
+    "top_k": st.one_of(st.sampled_from([-2, -1, 0, 1, 5, 2**40]), INTS), "min_p": NUMBERS,
+    "top_logprobs": st.one_of(st.sampled_from([0, 1, 5, 20, 21]), INTS), "presence_penalty": NUMBERS,
+    "frequency_penalty": NUMBERS, "parallel_tool_calls": BOOLS, "stream_mode": st.sampled_from(
+        ["canvas", "prefix", "bogus", 1, None]),
+    "chat_template_kwargs": st.one_of(st.fixed_dictionaries({"enable_thinking": BOOLS}), JSONISH),
 }
 BODY = st.fixed_dictionaries({}, optional=FIELDS).flatmap(
     lambda body: st.dictionaries(TEXT, JSONISH, max_size=2).map(lambda extra: {**extra, **body}))
@@ -87,9 +123,16 @@ def _check(r: httpx.Response, stream_lines: list[str] | None, statuses: dict) ->
         assert stream_lines[-1] == "data: [DONE]"
 
 
-def test_fuzzed_requests_never_5xx_and_never_disturb_good_streams(checkpoint_with_tokenizer, request):
+@pytest.fixture(scope="module")
+def tools_checkpoint(hf_checkpoint, tmp_path_factory):
+    """A checkpoint whose template renders tools (and whose tokenizer has Gemma 4's markers), so that tool
+    definitions, tool choices and their grammars are fuzzed too."""
+    return gemma4_checkpoint(hf_checkpoint, tmp_path_factory, "fuzz_tok")
+
+
+def test_fuzzed_requests_never_5xx_and_never_disturb_good_streams(tools_checkpoint, request):
     n = request.config.getoption("--fuzz-requests")
-    app = _app(checkpoint_with_tokenizer, gen_overrides={"eos_token_ids": ()}, max_queue=256, max_context=512)
+    app = _app(tools_checkpoint, gen_overrides={"eos_token_ids": ()}, max_queue=256, max_context=512)
     with _Server(app) as server:
         with httpx.Client(base_url=server.url, timeout=120) as http:
             expected, _ = _stream_text(http, GOOD)  # alone, before any other traffic

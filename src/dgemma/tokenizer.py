@@ -3,9 +3,14 @@
 Files: `tokenizer.json` (the `tokenizers` library format), the chat template from
 `chat_template.jinja`, `chat_template.json` or `tokenizer_config.json["chat_template"]`, and special
 token names from `tokenizer_config.json`. The template is rendered in a sandboxed Jinja environment
-with the variables transformers passes (`messages`, `add_generation_prompt`, `bos_token`,
-`eos_token`, `raise_exception`), and the rendered text is encoded without adding special tokens, as
-`apply_chat_template(tokenize=True)` does. tests/test_tokenizer.py compares with transformers.
+with the variables transformers passes (`messages`, `tools`, `add_generation_prompt`, `bos_token`,
+`eos_token`, `raise_exception`, plus template keyword arguments such as `enable_thinking`), with
+transformers' lenient undefined values (a message without `tool_calls` reads as empty), and the
+rendered text is encoded without adding special tokens, as `apply_chat_template(tokenize=True)` does.
+Messages may carry OpenAI's tool fields (`tool_calls` with arguments as objects, role `tool` with
+`tool_call_id`), which a template such as Gemma 4's renders in its own format.
+`decode(keep=...)` keeps chosen special tokens in the text (a format's markers, e.g. Gemma 4's
+`<|tool_call>`) while dropping the others. tests/test_tokenizer.py compares with transformers.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -45,7 +50,7 @@ class Tokenizer:
         self.pad_token = _token_name(config.get("pad_token"))
         self._template = None
         if chat_template is not None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined,
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
             env.globals["raise_exception"] = _raise_template_error
             env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
@@ -89,24 +94,51 @@ class Tokenizer:
         _check_text(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()) -> str:
+        """The text of `ids`; special tokens are dropped (skip_special_tokens) except those in `keep`, written as
+        their names (the runs between them are decoded on their own)."""
+        if not keep or not skip_special_tokens:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        parts, run = [], []
+        for t in ids:
+            if t in keep:
+                parts += [self._tok.decode(run, skip_special_tokens=True), self._tok.id_to_token(t)]
+                run = []
+            else:
+                run.append(t)
+        parts.append(self._tok.decode(run, skip_special_tokens=True))
+        return "".join(parts)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def special_ids(self, names: list[str]) -> dict[str, int]:
+        """Those of `names` that are single special tokens of this tokenizer: name -> id."""
+        added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return {name: added[name] for name in names if name in added}
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads `tools` (a template that does not would drop them silently)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
         if self._template is None:
             raise TokenizerError("this checkpoint has no chat template; pass plain text (--raw) instead")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise TokenizerError(f"message {i} must be an object with 'role' and 'content'")
-            _check_text(m["content"], f"message {i}")
+            if m["content"] is not None or not (m.get("tool_calls") or m["role"] == "tool"):
+                _check_text(m["content"], f"message {i}")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except TemplateError as exc:
+            return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                         **template_kwargs)
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise TokenizerError(f"chat template failed: {exc}") from None
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt, tools, **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
 
 
 def _check_text(text: Any, what: str = "text") -> None:
@@ -142,8 +174,9 @@ class TextStream:
     equals `tokenizer.decode(all ids)`, which tests/test_tokenizer_cli.py checks for every split point.
     """
 
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, keep: frozenset[int] = frozenset()) -> None:
         self._tok = tokenizer
+        self.keep = keep  # special tokens kept in the text (`Tokenizer.decode`)
         self.ids: list[int] = []
         self.text = ""  # released so far
 
@@ -151,7 +184,7 @@ class TextStream:
         self.ids += ids
         if self._tok is None:
             return ""
-        full = self._tok.decode(self.ids)
+        full = self._tok.decode(self.ids, keep=self.keep)
         if not final:
             full = full.rstrip("\ufffd")
         if not full.startswith(self.text):

@@ -30,6 +30,7 @@ MAX_DENOISING_STEPS = 100_000
 MAX_NEW_TOKENS = 2**31 - 1  # a request is also checked against the model's positions and the engine's context
 MAX_STABILITY = 64
 MAX_END_IDS = 8
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass
@@ -46,6 +47,10 @@ class GenerationConfig:
     confidence_threshold: float = setting(0.005, "stop early when the mean entropy is below this (0: never)")
     stop_at_end: bool = setting(False, "a canvas may stop once its answer through the end token is stable and "
                                        "confident, whatever its padding does (dgemma's rule; off: transformers')")
+    top_k: int = setting(0, "keep the k most probable tokens of each position (ties kept; 0: off), before sampling, "
+                            "argmax and entropy (docs/design.md, sampling filters)")
+    top_p: float = setting(1.0, "keep the tokens each position ranks above mass top_p (1: off)")
+    min_p: float = setting(0.0, "keep the tokens at least min_p times as probable as the position's best (0: off)")
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = 0
 
@@ -82,6 +87,9 @@ class GenerationConfig:
              f"the temperature schedule falls to {lowest:.3g} at its last step, below the floor {MIN_TEMPERATURE:g} "
              "(logits divided by it overflow): raise t_min or t_max")
         count("stability_threshold", 0, MAX_STABILITY)
+        count("top_k", 0, MAX_TOP_K)
+        number("top_p", 0.0, 1.0, low_open=True)
+        number("min_p", 0.0, 1.0)
         number("confidence_threshold", 0.0, MAX_CONFIDENCE_THRESHOLD)
         need(all(is_int(t) and t >= 0 for t in self.eos_token_ids),
              f"eos token ids must be non-negative integers, got {self.eos_token_ids!r}")
@@ -90,6 +98,11 @@ class GenerationConfig:
         need(isinstance(self.stop_at_end, bool), f"stop_at_end must be true or false, got {self.stop_at_end!r}")
         need(not self.stop_at_end or 0 < len(self.eos_token_ids) <= MAX_END_IDS,
              f"stop_at_end needs 1 to {MAX_END_IDS} end token ids, got {len(self.eos_token_ids)}")
+
+    @property
+    def filters(self) -> bool:
+        """Whether a top-k / top-p / min-p filter is on (`sampler.filters`)."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
     def replace(self, **overrides: Any) -> GenerationConfig:
         """A copy with the given fields changed; `None` values leave a field as it is."""

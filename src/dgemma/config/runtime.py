@@ -41,6 +41,9 @@ class ServerConfig:
     max_queue: int = setting(64, "waiting requests before answering 429")
     max_body_bytes: int = setting(1 << 20, "largest request body (413 above)")
     default_max_tokens: int = setting(256, "max_tokens of a request that gives none")
+    prefix_metrics: bool = setting(True, "measure how early each canvas's prefix settles and how often locking it "
+                                         "would be wrong (/metrics dgemma_prefix_*); no change to any answer, one host "
+                                         "sync per step")
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():

@@ -8,16 +8,21 @@ engine `step()`:
   3. for rows whose canvas is done (stable and confident, or out of steps) commits the argmax canvas, emits its
      tokens, and either finishes the request (EOS or max_new_tokens reached) or encodes the canvas into the
      cache and starts a new one.
-Finished rows leave and new ones join between steps. The algorithm per row is the reference sampler's
-(dgemma.sampler.reference); the random draws come from dgemma.engine.rng, so a request's tokens do not depend on
-what else is in the batch. One request's failure (its prefill, its step, its commit, its callbacks) fails that
-request alone (finish_reason "error"); the others go on unchanged. tests/test_engine.py checks all of this.
+Finished rows leave and new ones join between steps. Per-request options that edit the processed logits (a
+constraint, top-k / top-p / min-p, a locked prefix, top log-probabilities) run through `engine.processors` in the
+eager step body; requests without them take the engine's runner unchanged. Requests that share a prompt (`n > 1`:
+`choices`) prefill it once: the first one's cache row is copied into the others'. The algorithm per row is the
+reference sampler's (dgemma.sampler.reference); the random draws come from dgemma.engine.rng, so a request's tokens
+do not depend on what else is in the batch. One request's failure (its prefill, its step, its commit, its
+callbacks) fails that request alone (finish_reason "error"); the others go on unchanged. tests/test_engine.py checks
+all of this; tests/test_openai_sampling.py and tests/test_openai_prefix.py the per-request options.
 
 Shapes: B active rows, C canvas_length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -34,15 +39,21 @@ from dgemma.engine import rng
 from dgemma.engine.forward import encode_row, exact_inputs
 from dgemma.engine.graphs import CompiledRunner, EagerRunner, GraphRunner
 from dgemma.engine.kv_cache import StaticKVCache
+from dgemma.engine.processors import LogprobRecord, RowWork, StepProcessor
 from dgemma.engine.step import MAX_STABILITY, STREAM_INIT, RowSettings, StepState, denoise_step
 from dgemma.engine.weights import pack_weights
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.sampler.entropy_bound import LogitsProcessor, trim_generated
+from dgemma.sampler.prefix import PrefixRule, PrefixStats, PrefixTracker
 
 if TYPE_CHECKING:
     from dgemma.constrain.canvas import CanvasConstraint
 
 log = logging.getLogger(__name__)
+MAX_TOP_LOGPROBS = 20  # top log-probabilities per token at most
+PREFIX_MODES = ("lock", "measure")
+_MASK64 = (1 << 64) - 1
+_REQUEST_IDS = itertools.count()
 
 
 @dataclass
@@ -54,25 +65,67 @@ class GenerationRequest:
     # call has request.done set), on_draft(request, argmax canvas) after each denoising step
     on_tokens: Callable[[GenerationRequest, list[int]], None] | None = None
     on_draft: Callable[[GenerationRequest, list[int]], None] | None = None
+    # on_step(request, argmax canvas, its log-probabilities) after each denoising step of the request's canvas
+    # (what bench/prefix_replay.py records; a host sync every step, as on_draft)
+    on_step: Callable[[GenerationRequest, list[int], list[float]], None] | None = None
     # the prompt continues the context already in the cache (a single-row engine owned by a chat session)
     extend_context: bool = False
     # structured output: masks or exact marginals applied at every step, the committed canvases valid
     # (`dgemma.constrain.canvas.CanvasConstraint`, built for the model's tokenizer by the caller)
     constraint: CanvasConstraint | None = None
-    id: int = field(default_factory=itertools.count().__next__)
+    # log-probabilities of the returned tokens: None off, 0 the chosen token's, k also the k most probable tokens
+    # (at most MAX_TOP_LOGPROBS), from the processed distribution of the canvas's last step (docs/design.md)
+    logprobs: int | None = None
+    # the settled prefix of each canvas (`sampler.prefix`): "lock" streams it through on_tokens as it settles and
+    # locks it (an end id in it ends the request at once); "measure" only follows it (`prefix_stats`)
+    prefix: str | None = None
+    prefix_rule: PrefixRule = field(default_factory=PrefixRule)
+    # a request with the same prompt (n > 1, `choices`): while it has committed nothing, its prefilled cache row is
+    # copied instead of prefilling again
+    prefill_from: GenerationRequest | None = None
+    id: int = field(default_factory=_REQUEST_IDS.__next__)
     # results
     output: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)  # with logprobs: one per token of `output`
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with logprobs > 0: (id, logprob)
+    prefix_stats: PrefixStats | None = None  # with prefix "measure"
     steps: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None  # with finish_reason "error": what failed (this request only)
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None  # when it took a row (its queue wait ends)
     first_token_at: float | None = None
     finished_at: float | None = None
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def choices(self, n: int) -> list[GenerationRequest]:
+        """n independent requests for this one's prompt (OpenAI's `n`): choice 0 is this request, choice i a copy
+        with seed `derive_seed(seed, i)` whose prompt prefill is shared (`prefill_from`). Callbacks are shared;
+        replace them per choice to tell the choices apart."""
+        fresh = lambda: dict(output=[], steps=[], token_logprobs=[], top_logprobs=[], prefix_stats=None,
+                             finish_reason=None, error=None, cancelled=False, first_token_at=None, finished_at=None,
+                             admitted_at=None)  # new lists for each copy
+        copies = [dataclasses.replace(self, seed=derive_seed(self.seed, i), prefill_from=self, id=next(_REQUEST_IDS),
+                                      submitted_at=time.perf_counter(), **fresh())
+                  for i in range(1, n)]
+        return [self, *copies]
+
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded `seed`: `seed` itself for choice 0, else a SplitMix64 mix of
+    (seed, index) in the signed 64-bit range, so choices draw independent random streams."""
+    if index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
 
 
 @dataclass
@@ -82,31 +135,9 @@ class _Row:
     steps_left: int = 0
     steps_taken: int = 0
     prev_argmax: list[int] | None = None  # the last step's argmax canvas (constrained rows: their next masks)
-
-
-class _ConstraintProcessor:
-    """The logits processor of a step with constrained rows: waits for their masks (computed on the engine's
-    worker thread during the forward), then lets each row's constraint edit the processed logits of its
-    positions. Chunks hold whole rows (the engine aligns the sampler chunk to the canvas length)."""
-
-    def __init__(self, rows: list[tuple[int, CanvasConstraint, int]], canvas_length: int,
-                 ready: list[Future]) -> None:
-        self.rows, self.c, self.ready = rows, canvas_length, ready
-        self.waited = 0.0  # seconds the step waited for masks (what the forward did not hide)
-
-    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        if self.ready:
-            t0 = time.perf_counter()
-            for future in self.ready:
-                future.result()  # a failure here fails the step; the row at fault then fails alone
-            self.waited += time.perf_counter() - t0
-            self.ready = []
-        end = start + x.shape[0]
-        for row, constraint, remaining in self.rows:
-            lo, hi = row * self.c, (row + 1) * self.c
-            if lo >= start and hi <= end:
-                x[lo - start:hi - start] = constraint.process(x[lo - start:hi - start], remaining)
-        return x
+    tracker: PrefixTracker | None = None  # the canvas's settled prefix (prefix "lock" or "measure")
+    emitted: int = 0  # tokens of this canvas already returned (locked prefix)
+    record: LogprobRecord = field(default_factory=LogprobRecord)
 
 
 class Engine:
@@ -137,7 +168,7 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationRequest:
-        self._validate(request)
+        self.validate(request)
         self.waiting.append(request)
         return request
 
@@ -181,15 +212,15 @@ class Engine:
             return
         state, _ = self.views(len(self.rows))
         jobs = self._constraint_jobs()
-        processor = self._processor(jobs)
+        processor = self._processor(jobs, state)
         # the compiled and graph paths write the state in place as they go: keep a copy in case they fail
-        saved = None if type(self.runner) is EagerRunner or jobs else state.clone()
+        saved = None if type(self.runner) is EagerRunner or processor is not None else state.clone()
         try:
             self._step_rows(self.rows, processor=processor)
             self.constraint_wait_seconds += processor.waited if processor is not None else 0.0
         except Exception:  # noqa: BLE001 - isolate the rows at fault, the others go on
             log.exception("engine step failed for a batch of %d rows; retrying each row alone", len(self.rows))
-            self._step_rows_alone(state, saved, jobs)
+            self._step_rows_alone(saved, jobs)
             if not self.rows:
                 return
         self.nfe += 1
@@ -247,24 +278,44 @@ class Engine:
                 jobs.append((i, constraint, r.request.gen.max_new_tokens - len(r.request.output), future))
         return jobs
 
-    def _processor(self, jobs: list, alone: int | None = None) -> _ConstraintProcessor | None:
-        """The step's logits processor for `jobs` (of row `alone` only, as row 0 of its own step)."""
-        if alone is not None:
-            jobs = [(0, c, rem, f) for i, c, rem, f in jobs if i == alone]
-        if not jobs:
+    def _processor(self, jobs: list, state: StepState, alone: int | None = None) -> StepProcessor | None:
+        """The step's logits processor (None when no row needs one): each row's constraint (`jobs`), filters,
+        locked prefix and log-probability record; of row `alone` only, as row 0 of its own step."""
+        work, ready = [], [f for *_, f in jobs]
+        constraints = {i: (c, rem) for i, c, rem, _ in jobs}
+        for i, r in enumerate(self.rows):
+            if alone is not None and i != alone:
+                continue
+            req = r.request
+            w = RowWork(row=0 if alone is not None else i)
+            if i in constraints:
+                w.constraint, w.remaining = constraints[i]
+            if req.gen.filters:
+                w.filters = (req.gen.top_k, req.gen.top_p, req.gen.min_p)
+            if req.prefix == "lock" and r.tracker is not None:
+                w.locked = r.tracker.tokens
+            if req.logprobs is not None and (req.logprobs > 0 or w.constraint is not None):
+                w.top, w.record = req.logprobs, r.record
+            if w.constraint is not None or w.filters is not None or w.locked or w.record is not None:
+                work.append(w)
+        if not work:
             return None
-        return _ConstraintProcessor([(i, c, rem) for i, c, rem, _ in jobs], self.canvas_length, [f for *_, f in jobs])
+        if alone is not None:
+            ready = [f for i, *_, f in jobs if i == alone]
+        stopped = state.row(alone).stopped if alone is not None else state.stopped
+        return StepProcessor(work, self.canvas_length, ready, stopped)
 
-    def _step_rows_alone(self, state: StepState, saved: StepState | None, jobs: list | None = None) -> None:
+    def _step_rows_alone(self, saved: StepState | None, jobs: list | None = None) -> None:
         """After a batched step raised: restore the rows' state (in-place paths may have written part of it), then
         step each row alone. A row whose step still raises fails with the error; every other row has advanced
         exactly as it would alone (batch invariance: its tokens depend on its own seed and context only)."""
+        state, _ = self.views(len(self.rows))
         if saved is not None:
             state.copy_(saved)
         failed = []
         for i, r in enumerate(self.rows):
             try:
-                self._step_rows([r], alone=i, processor=self._processor(jobs or [], alone=i))
+                self._step_rows([r], alone=i, processor=self._processor(jobs or [], self.state, alone=i))
             except Exception as exc:  # noqa: BLE001
                 log.exception("engine step failed for request %s", r.request.id)
                 self._fail(r.request, f"generation failed: {exc!r}")
@@ -272,35 +323,94 @@ class Engine:
         self._release(failed)
 
     def _sync_and_commit(self) -> None:
-        """After a step: tell drafts, and commit the rows whose canvas is done. Rows whose confidence threshold is
-        0 never stop early (a rounding-level stop would still be committed, frozen, at the canvas's last step):
-        no sync is needed for them until then."""
-        drafts = any(r.request.on_draft is not None or r.request.constraint is not None for r in self.rows)
+        """After a step: tell drafts, follow settled prefixes, and commit the rows whose canvas is done. Rows whose
+        confidence threshold is 0 never stop early (a rounding-level stop would still be committed, frozen, at the
+        canvas's last step): no sync is needed for them until then."""
+        drafts = any(r.request.on_draft is not None or r.request.on_step is not None or r.request.constraint is not None
+                     or r.tracker is not None for r in self.rows)
         early = self._since_sync >= self.sync_every and any(r.request.gen.confidence_threshold > 0 for r in self.rows)
         if not (drafts or early or any(r.steps_left == 0 for r in self.rows)):
             return
         # sync: one per `sync_every` steps (and at a canvas's last step) decides which rows commit; every step
-        # while a row is constrained (its next masks follow this step's argmax canvas)
+        # while a row is constrained (its next masks follow this step's argmax canvas) or its prefix is followed
         self._since_sync = 0
         state, _ = self.views(len(self.rows))
         stopped, taken = state.stopped.tolist(), state.steps_taken.tolist()
-        failed = []
+        failed, ended = [], []
         for row, r in enumerate(self.rows):
             r.steps_taken = taken[row]
-            if r.request.constraint is not None:
-                r.prev_argmax = state.argmax_canvas[row].tolist()
-            if r.request.on_draft is not None:
-                try:
-                    r.request.on_draft(r.request, state.argmax_canvas[row].tolist())
-                except Exception as exc:  # noqa: BLE001 - a caller's callback fails its own request only
-                    self._fail(r.request, f"on_draft callback failed: {exc!r}")
-                    failed.append(row)
-        done = [r for i, r in enumerate(self.rows) if (stopped[i] or r.steps_left == 0) and i not in failed]
-        self._release(failed)
+            try:
+                if self._after_step(row, r, state):
+                    ended.append(row)
+            except Exception as exc:  # noqa: BLE001 - a caller's callback fails its own request only
+                self._fail(r.request, f"a callback (on_draft, on_step or on_tokens) failed: {exc!r}")
+                failed.append(row)
+        done = [r for i, r in enumerate(self.rows)
+                if (stopped[i] or r.steps_left == 0) and i not in failed and i not in ended]
+        self._release(failed + ended)
         self._commit([self.rows.index(r) for r in done])
 
+    def _after_step(self, row: int, r: _Row, state: StepState) -> bool:
+        """A row's host work after a synced step: its draft, its settled prefix (locked tokens are returned at once).
+        True when that ended its request."""
+        req = r.request
+        if req.constraint is not None:
+            r.prev_argmax = state.argmax_canvas[row].tolist()
+        if req.on_draft is not None:
+            req.on_draft(req, state.argmax_canvas[row].tolist())
+        if r.tracker is None and req.on_step is None:
+            return False
+        argmax = r.prev_argmax or state.argmax_canvas[row].tolist()
+        logprob = state.argmax_logprob[row].tolist()
+        if req.on_step is not None:
+            req.on_step(req, argmax, logprob)
+        if r.tracker is None:
+            return False
+        r.tracker.update(argmax, logprob)
+        if req.prefix != "lock" or r.tracker.locked == r.emitted:
+            return False
+        return self._return_tokens(r, argmax, logprob, r.tracker.locked)
+
+    def _return_tokens(self, r: _Row, canvas: list[int], logprob: list[float], upto: int,
+                       final: bool = False) -> bool:
+        """Return canvas[r.emitted:upto] (cut at the first end id and at max_new_tokens) with their log-probabilities,
+        and tell the caller. `final`: the canvas is committed. True when the request has ended."""
+        req = r.request
+        remaining = req.gen.max_new_tokens - len(req.output)
+        emitted, reason = trim_generated(canvas[r.emitted:upto], remaining, req.gen.eos_token_ids)
+        if reason == "length" and len(emitted) < remaining:
+            reason = None  # neither an end token nor the last token asked for: more follows
+        if req.logprobs is not None:
+            self._add_logprobs(r, canvas, logprob, r.emitted, len(emitted))
+        r.emitted = upto
+        req.output.extend(emitted)
+        if req.first_token_at is None and (emitted or final):
+            req.first_token_at = time.perf_counter()
+        if reason is not None:
+            req.steps.append(r.steps_taken)
+            req.finish_reason = reason
+            req.finished_at = time.perf_counter()
+        if req.on_tokens is not None and (emitted or reason is not None):
+            req.on_tokens(req, emitted)  # the last call comes with req.done set
+        return reason is not None
+
+    def _add_logprobs(self, r: _Row, canvas: list[int], logprob: list[float], start: int, n: int) -> None:
+        """Log-probabilities of canvas[start:start + n]: the argmax's from the step (the committed token is the argmax
+        unless a constraint chose another: projection, exact mode; then read from the row's record)."""
+        req, rec = r.request, r.record
+        argmax = r.prev_argmax if r.prev_argmax is not None else None
+        full = rec.full[start:start + n].tolist() if rec.full is not None and n else None
+        for j in range(start, start + n):
+            if argmax is not None and canvas[j] != argmax[j] and full is not None:
+                req.token_logprobs.append(full[j - start][canvas[j]])
+            else:
+                req.token_logprobs.append(logprob[j])
+        if req.logprobs and n:
+            ids, values = rec.top_ids[start:start + n].tolist(), rec.top_logprobs[start:start + n].tolist()
+            req.top_logprobs.extend([list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)])
+
     # -- admission, commits, release ---------------------------------------------------------------------
-    def _validate(self, request: GenerationRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         """Everything about a request that could fail later, checked before it is queued (ConfigError)."""
         if not isinstance(request.gen, GenerationConfig):
             raise ConfigError(f"request.gen must be a GenerationConfig, got {type(request.gen).__name__}")
@@ -314,6 +424,19 @@ class Engine:
         check_request(self.model.config, request.gen, request.prompt, context, self.config.max_context)
         if request.gen.stability_threshold > MAX_STABILITY:
             raise ConfigError(f"stability_threshold above {MAX_STABILITY} is not supported by the engine")
+        if request.logprobs is not None and not (isinstance(request.logprobs, int) and not isinstance(
+                request.logprobs, bool) and 0 <= request.logprobs <= MAX_TOP_LOGPROBS):
+            raise ConfigError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], "
+                              f"got {request.logprobs!r}")
+        if request.prefix not in (None, *PREFIX_MODES):
+            raise ConfigError(f"prefix must be None, 'lock' or 'measure', got {request.prefix!r}")
+        if request.prefix == "lock" and request.constraint is not None and request.constraint.exact:
+            raise ConfigError("prefix locking cannot be combined with an exact-mode constraint (its Viterbi canvas "
+                              "may differ from a locked prefix); use the default constraint mode")
+        if request.prefill_from is not None and list(request.prefill_from.prompt) != list(request.prompt):
+            raise ConfigError("prefill_from must be a request with the same prompt")
+        if request.prefix == "measure" and request.prefix_stats is None:
+            request.prefix_stats = PrefixStats()
 
     def _admit(self) -> None:
         if self.waiting and not self.weights.valid(self.model):  # parameters replaced or updated in place
@@ -326,10 +449,15 @@ class Engine:
             row = len(self.rows)
             if not request.extend_context:
                 self.cache.reset_row(row)
+            source = self._prefill_source(request)
             self.rows.append(_Row(request))
+            request.admitted_at = time.perf_counter()
             try:
-                encode_row(self.model, self.cache, row, torch.tensor([request.prompt], device=self.device),
-                           self.weights)
+                if source is None:
+                    encode_row(self.model, self.cache, row, torch.tensor([request.prompt], device=self.device),
+                               self.weights)
+                else:  # the same prompt is prefilled in `source` and nothing else is cached there yet
+                    self.cache.move_row(source, row)
                 self._start_canvas(row)
             except Exception as exc:  # noqa: BLE001 - a request that fails its prefill fails alone
                 log.exception("prefill failed for request %s", request.id)
@@ -337,10 +465,21 @@ class Engine:
                 self.rows.pop()
                 self.cache.reset_row(row)
 
+    def _prefill_source(self, request: GenerationRequest) -> int | None:
+        """The row holding `request.prefill_from` with only its prompt cached (no canvas committed yet), if any."""
+        if request.prefill_from is None or request.extend_context:
+            return None
+        for i, r in enumerate(self.rows):
+            if r.request is request.prefill_from and r.canvas_index == 0 and not r.request.done:
+                return i if self.cache.lengths[i] == len(request.prompt) else None
+        return None
+
     def _start_canvas(self, row: int) -> None:
         r = self.rows[row]
         gen, dev = r.request.gen, self.device
-        r.steps_left, r.steps_taken, r.prev_argmax = gen.max_denoising_steps, 0, None
+        r.steps_left, r.steps_taken, r.prev_argmax, r.emitted = gen.max_denoising_steps, 0, None, 0
+        if r.request.prefix is not None:
+            r.tracker = PrefixTracker(r.request.prefix_rule, self.canvas_length)
         st, rs = self.state, self.settings
         seed, index = torch.tensor([r.request.seed], device=dev), torch.tensor([r.canvas_index], device=dev)
         st.canvas[row] = rng.randint(seed, index, torch.tensor([0], device=dev), self.canvas_length, STREAM_INIT,
@@ -369,27 +508,24 @@ class Engine:
         self._release(finished)
 
     def _commit_row(self, row: int) -> bool:
-        """Emit row `row`'s finished canvas; then end its request (True) or start its next canvas."""
+        """Return row `row`'s finished canvas (what its locked prefix has not returned yet); then end its request
+        (True) or start its next canvas."""
         r = self.rows[row]
         req = r.request
-        req.steps.append(r.steps_taken)
-        remaining = req.gen.max_new_tokens - len(req.output)
-        canvas = self.state.argmax_canvas[row].tolist()
+        argmax = self.state.argmax_canvas[row].tolist()
+        logprob = self.state.argmax_logprob[row].tolist() if req.logprobs is not None else []
+        r.prev_argmax = argmax
+        canvas = argmax
         if req.constraint is not None:  # valid by stability, or projected; exact mode: the Viterbi canvas
-            canvas = req.constraint.finish(canvas)
-        emitted, reason = trim_generated(canvas, remaining, req.gen.eos_token_ids)
-        if reason == "length" and len(emitted) < remaining:
-            reason = None  # neither an end token nor the last token asked for: the next canvas follows
-        req.output.extend(emitted)
-        if req.first_token_at is None:
-            req.first_token_at = time.perf_counter()
-        if reason is not None:
-            req.finish_reason = reason
-            req.finished_at = time.perf_counter()
-        if req.on_tokens is not None and (emitted or reason is not None):
-            req.on_tokens(req, emitted)  # the last call comes with req.done set
-        if reason is not None:
+            canvas = req.constraint.finish(argmax)
+        if req.prefix == "measure" and r.tracker is not None:
+            remaining = req.gen.max_new_tokens - len(req.output)
+            answer, reason = trim_generated(canvas, remaining, req.gen.eos_token_ids)
+            req.prefix_stats.add(r.tracker.settle(canvas, len(answer) + (reason == "stop")))
+        steps = r.steps_taken
+        if self._return_tokens(r, canvas, logprob, len(canvas), final=True):
             return True
+        req.steps.append(steps)
         self.runner.commit(row, torch.tensor([canvas], device=self.device))
         r.canvas_index += 1
         self._start_canvas(row)

@@ -2,7 +2,9 @@
 
 For each chunk of (row, position) pairs: logits = cap * tanh((h @ E^T) / cap) / temperature, then one max
 (which is also the argmax), one exp, one sum, the entropy from the same tensors, an inverse-CDF sample, and
-the self-conditioning soft embedding softmax @ E for the next step. Only one chunk of vocabulary-sized
+the self-conditioning soft embedding softmax @ E for the next step. The argmax's log-probability comes free:
+log p(argmax) = -log sum exp(x - max) (what `logprobs` report and prefix locking reads as confidence). Only one
+chunk of vocabulary-sized
 tensors exists at a time (`chunk` positions x V), so transient memory stays small even at V = 262,144.
 
 It draws from the same distribution as the reference (softmax of the processed logits) but with the
@@ -29,6 +31,7 @@ class StepOutput:
     sampled: torch.Tensor  # (B, C) long
     argmax_canvas: torch.Tensor  # (B, C) long
     entropy: torch.Tensor  # (B, C) fp32, of the processed distribution
+    argmax_logprob: torch.Tensor  # (B, C) fp32: log p of the argmax under the processed distribution (-log sum e)
     soft_embeds: torch.Tensor  # (B, C, H) model dtype: softmax(processed) @ E * embed_scale
 
 
@@ -55,7 +58,7 @@ def fused_sample(hidden: torch.Tensor, head: Linear, soft: Linear, embed_scale: 
 
 def _sample_chunk(hidden: torch.Tensor, head: Linear, soft: Linear, scale: float, softcap: float | None,
                   temps: torch.Tensor, u: torch.Tensor, processor: LogitsProcessor | None, start: int):
-    """hidden (n, H) -> sampled, argmax, entropy (n,) and soft embeddings (n, H)."""
+    """hidden (n, H) -> sampled, argmax, entropy, argmax log-probability (n,) and soft embeddings (n, H)."""
     if softcap:  # cap * tanh((h @ E^T) / cap) / T; in fp32 the 1 / cap is folded into the (n x H) input
         if hidden.dtype == torch.float32:
             x = tanh_(head(hidden * (1.0 / softcap)))
@@ -73,13 +76,14 @@ def _sample_chunk(hidden: torch.Tensor, head: Linear, soft: Linear, scale: float
     # H = -sum p log p = log s - sum(e * y) / s, with p = e / s and log p = y - log s; a position the processor
     # ruled out has e = 0 and contributes 0 (e * y is 0 * -inf there: taken as 0)
     ey = e * y if processor is None else torch.where(e > 0, e * y, 0.0)
-    entropy = torch.log(s) - ey.sum(dim=-1) / s
+    log_s = torch.log(s)
+    entropy = log_s - ey.sum(dim=-1) / s
     sampled = _inverse_cdf(e, u * s)
     # self-conditioning input: softmax @ E, normalised after the (much smaller) matmul
     weight_dtype = soft.weight.dtype
     product = soft(e.to(weight_dtype))
     emb = (product.float() * (scale / s)[:, None]).to(weight_dtype)
-    return sampled, am, entropy, emb
+    return sampled, am, entropy, -log_s, emb
 
 
 def _inverse_cdf(weights: torch.Tensor, targets: torch.Tensor, block: int = 256) -> torch.Tensor:

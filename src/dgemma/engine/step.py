@@ -84,6 +84,7 @@ class RowSettings(RowTensors):
 class StepState(RowTensors):
     canvas: torch.Tensor  # (B, C) long: the tokens the next step denoises
     argmax_canvas: torch.Tensor  # (B, C) long: the last step's argmax (committed when the canvas ends)
+    argmax_logprob: torch.Tensor  # (B, C) fp32: its log-probability under that step's processed distribution
     soft: torch.Tensor  # (B, C, H) model dtype: self-conditioning input, softmax(processed) @ E * embed_scale
     history: torch.Tensor  # (B, W, C) long: the last W argmax canvases (-1 before a canvas's first step)
     stopped: torch.Tensor  # (B,) bool: stopped early (stable and confident), not yet committed
@@ -94,6 +95,7 @@ class StepState(RowTensors):
     def zeros(cls, b: int, c: int, h: int, dtype: torch.dtype, device: torch.device) -> StepState:
         long = dict(dtype=torch.long, device=device)
         return cls(canvas=torch.zeros(b, c, **long), argmax_canvas=torch.zeros(b, c, **long),
+                   argmax_logprob=torch.zeros(b, c, dtype=torch.float32, device=device),
                    soft=torch.zeros(b, c, h, dtype=dtype, device=device),
                    history=torch.full((b, MAX_STABILITY, c), -1, **long),
                    stopped=torch.zeros(b, dtype=torch.bool, device=device), steps_taken=torch.zeros(b, **long),
@@ -128,6 +130,7 @@ def update_state(model: DiffusionGemma, w: ModelWeights, hidden: torch.Tensor, s
     return StepState(
         canvas=torch.where(live[:, None], canvas, state.canvas),
         argmax_canvas=torch.where(live[:, None], out.argmax_canvas, state.argmax_canvas),
+        argmax_logprob=torch.where(live[:, None], out.argmax_logprob, state.argmax_logprob),
         soft=torch.where(live[:, None, None], out.soft_embeds, state.soft),
         history=torch.where(live[:, None, None], torch.cat([history[:, 1:], out.argmax_canvas[:, None]], 1), history),
         stopped=state.stopped | stop,

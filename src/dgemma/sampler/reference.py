@@ -15,7 +15,9 @@ holding an EOS ends its row; tokens after the first EOS become pad.
 `generate` returns the transformers-shaped `sequences` (whole canvases) and, per row, the public
 answer: exactly `max_new_tokens` tokens at most, cut before the first EOS. An optional `LogitsProcessor`
 edits the processed logits before sampling, argmax and entropy (the hook the engine's fused sampler has too;
-identity by default, so parity is unchanged).
+identity by default, so parity is unchanged). The filters of `gen` (top-k / top-p / min-p, `sampler.filters`) run
+after it through the same hook. Each committed token's log-probability is read from the processed distribution of
+its canvas's last step (the step whose argmax is committed): `GenerationResult.logprobs`, the engine's definition.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dgemma.sampler.entropy_bound import (
     token_entropy,
     trim_generated,
 )
+from dgemma.sampler.filters import chain, filter_processor
 
 
 @dataclass
@@ -50,6 +53,7 @@ class GenerationResult:
     steps: list[list[int]]  # denoising steps of each canvas
     nfe: list[int]  # denoiser calls that counted for the row (transformers' definition)
     tokens_per_forward: list[float]  # transformers' definition: non-pad new tokens / nfe
+    logprobs: list[list[float]]  # per token of token_ids: log p under its canvas's last processed distribution
 
     @property
     def canvases(self) -> int:
@@ -60,8 +64,9 @@ class GenerationResult:
 def denoise_canvas(model: DiffusionGemma, cache: KVCache, gen: GenerationConfig, batch: int,
                    done_rows: torch.Tensor, canvas: torch.Tensor | None = None,
                    self_cond_logits: torch.Tensor | None = None, processor: LogitsProcessor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the denoising loop of one canvas. Returns (argmax_canvas (B, C), nfe per row (B,))."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the denoising loop of one canvas. Returns (argmax_canvas (B, C), nfe per row (B,), the last step's
+    processed logits (B, C, V), those of each row's last live step)."""
     vocab, length, device = model.config.vocab_size, model.config.canvas_length, model.device
     drawn = torch.randint(0, vocab, (batch, length), device=device)  # drawn even when a canvas is given
     canvas = drawn if canvas is None else canvas
@@ -70,6 +75,7 @@ def denoise_canvas(model: DiffusionGemma, cache: KVCache, gen: GenerationConfig,
     nfe = torch.zeros(batch, dtype=torch.int, device=device)
     history = None
     end_ids = torch.tensor([gen.eos_token_ids] * batch, device=device) if gen.stop_at_end else None
+    processor = chain(processor, filter_processor(gen.top_k, gen.top_p, gen.min_p))
     for step in range(gen.max_denoising_steps, 0, -1):
         nfe += ~(stopped | done_rows)
         logits = model.denoise(canvas, cache, self_cond_logits)
@@ -94,7 +100,7 @@ def denoise_canvas(model: DiffusionGemma, cache: KVCache, gen: GenerationConfig,
         self_cond_logits = processed.to(model.dtype)
         if bool(stopped.all()):  # sync: reference path
             break
-    return argmax_canvas, nfe
+    return argmax_canvas, nfe, processed
 
 
 @torch.no_grad()
@@ -118,13 +124,17 @@ def generate(model: DiffusionGemma, input_ids: torch.Tensor, gen: GenerationConf
     done_rows = torch.zeros(batch, dtype=torch.bool, device=device)
     nfe = torch.zeros(batch, dtype=torch.int, device=device)
     steps: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] = [[] for _ in range(batch)]
     sequences, pending = input_ids, input_ids
     for _ in range(math.ceil(gen.max_new_tokens / length)):
         model.encode(pending, cache)
-        argmax_canvas, canvas_nfe = denoise_canvas(model, cache, gen, batch, done_rows, processor=processor)
+        argmax_canvas, canvas_nfe, processed = denoise_canvas(model, cache, gen, batch, done_rows,
+                                                              processor=processor)
         nfe += canvas_nfe
-        for row, n in enumerate(canvas_nfe.tolist()):
+        chosen = torch.log_softmax(processed.float(), dim=-1).gather(-1, argmax_canvas[..., None]).squeeze(-1)
+        for row, (n, lp) in enumerate(zip(canvas_nfe.tolist(), chosen.tolist(), strict=True)):
             steps[row].append(n)
+            logprobs[row].extend(lp)
         sequences = torch.cat([sequences, argmax_canvas], dim=-1)
         done_rows = _finalize_canvas(sequences, done_rows, eos, gen.pad_token_id, length)
         if bool(done_rows.all()):
@@ -135,12 +145,13 @@ def generate(model: DiffusionGemma, input_ids: torch.Tensor, gen: GenerationConf
         torch.full((batch,), new_tokens.shape[1], device=device)
     tokens_per_forward = (valid / nfe).tolist()
     token_ids, reasons = [], []
-    for row in new_tokens.tolist():
+    for row, lps in zip(new_tokens.tolist(), logprobs, strict=True):
         ids, reason = trim_generated(row, gen.max_new_tokens, gen.eos_token_ids)
         token_ids.append(ids)
         reasons.append(reason)
+        del lps[len(ids):]
     return GenerationResult(sequences=sequences, token_ids=token_ids, finish_reasons=reasons, steps=steps,
-                            nfe=nfe.tolist(), tokens_per_forward=tokens_per_forward)
+                            nfe=nfe.tolist(), tokens_per_forward=tokens_per_forward, logprobs=logprobs)
 
 
 def _finalize_canvas(sequences: torch.Tensor, done_rows: torch.Tensor, eos: torch.Tensor | None,

@@ -1,43 +1,43 @@
 """OpenAI-compatible HTTP server (FastAPI): the routes and the error handling at the door.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming with SSE, ending in `[DONE]`),
-GET /v1/models, GET /health (no auth), GET /metrics (Prometheus text). With an API key, every endpoint but
-/health needs `Authorization: Bearer <key>`. The request lifecycle lives in `worker.py`, schemas and
-response bodies in `protocol.py`, counters in `metrics.py`.
+GET /v1/models, POST /tokenize and /detokenize (vLLM's helpers), GET /health (no auth), GET /metrics (Prometheus
+text, `metrics.py`). With an API key, every endpoint but /health needs `Authorization: Bearer <key>`. What a
+generation request goes through lives in `serving.py` (checks, prompt, constraints) and `worker.py` (the engine's
+thread, streams); schemas in `protocol.py`, response bodies in `responses.py`.
 
 Every non-2xx response has OpenAI's error body `{"error": {"message", "type", "param", "code"}}`: 400 for a
 malformed body or field, 401, 404 (unknown path or model), 405, 413 (body over `max_body_bytes`), 429 (queue
 full), 500 (an unexpected error: JSON body, traceback in the server log, the connection stays usable).
-tests/test_server.py and tests/test_server_fuzz.py check this over HTTP.
+tests/test_server.py, tests/test_server_fuzz.py and tests/test_openai_api.py check this over HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dgemma.config import EngineConfig, GenerationConfig, ModelConfig, ServerConfig, UserError
-from dgemma.constrain.canvas import CanvasConstraint, canvas_constraint
-from dgemma.constrain.spec import ConstraintError
+from dgemma.config import EngineConfig, GenerationConfig, ServerConfig, UserError
 from dgemma.engine.engine import Engine
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.server.metrics import Metrics
 from dgemma.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ProtocolError,
+    TokenizeRequest,
     error_body,
-    parse_body,
 )
-from dgemma.server.worker import EngineWorker, Job
+from dgemma.server.serving import Serving, error_response
+from dgemma.server.tools import ToolDefinitionError, ToolSet
+from dgemma.server.worker import EngineWorker
 from dgemma.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def create_app(model: DiffusionGemma, tokenizer: Tokenizer | None, gen: Generati
         engine.warm_up()  # build the compiled graphs before the first request rather than during it
     worker = EngineWorker(engine, config.max_queue)
     metrics = Metrics()
-    serving = _Serving(worker, tokenizer, gen, config, metrics, model.config)
+    serving = Serving(worker, tokenizer, gen, config, metrics, model.config)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -72,13 +72,14 @@ def create_app(model: DiffusionGemma, tokenizer: Tokenizer | None, gen: Generati
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": created,
-                                             "owned_by": "dgemma"}]}
+        card = {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "dgemma",
+                "max_model_len": model.config.max_position_embeddings}
+        return {"object": "list", "data": [card]}
 
     @app.get("/metrics")
-    def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(worker.queue_depth(), worker.active()),
-                                 media_type="text/plain; version=0.0.4")
+    def prometheus() -> Response:
+        return Response(metrics.render(worker.queue_depth(), worker.active()),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -88,7 +89,53 @@ def create_app(model: DiffusionGemma, tokenizer: Tokenizer | None, gen: Generati
     async def completions(request: Request):
         return await serving.generate(request, CompletionRequest, "completions")
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await _tokenize(serving, request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await _detokenize(serving, request)
+
     return app
+
+
+async def _tokenize(serving: Serving, request: Request):
+    """{"tokens", "count", "max_model_len"} of a prompt or of messages rendered by the chat template."""
+    try:
+        body = await serving.read(request, TokenizeRequest)
+        tok = serving.tokenizer
+        if tok is None:
+            raise ProtocolError("this model has no tokenizer")
+        if (body.prompt is None) == (body.messages is None):
+            raise ProtocolError("give either prompt or messages", param="prompt")
+        if body.prompt is not None:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            messages = [m.for_template(i) for i, m in enumerate(body.messages)]
+            tools = ToolSet.from_request(body.tools).rendered() if body.tools else None
+            kwargs = body.chat_template_kwargs.model_dump() if body.chat_template_kwargs else {}
+            ids = tok.encode_chat(messages, add_generation_prompt=body.add_generation_prompt, tools=tools, **kwargs)
+    except ToolDefinitionError as exc:
+        return error_response(ProtocolError(str(exc), param=exc.param))
+    except ProtocolError as exc:
+        return error_response(exc)
+    except UserError as exc:
+        return error_response(ProtocolError(str(exc), param="messages" if body.messages else "prompt"))
+    return {"tokens": ids, "count": len(ids), "max_model_len": serving.model.max_position_embeddings}
+
+
+async def _detokenize(serving: Serving, request: Request):
+    try:
+        body = await serving.read(request, DetokenizeRequest)
+        if serving.tokenizer is None:
+            raise ProtocolError("this model has no tokenizer")
+        vocab = serving.model.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise ProtocolError(f"token ids must lie in [0, {vocab})", param="tokens")
+    except ProtocolError as exc:
+        return error_response(exc)
+    return {"prompt": serving.tokenizer.decode(body.tokens)}
 
 
 def _install_error_handling(app: FastAPI, config: ServerConfig) -> None:
@@ -98,10 +145,10 @@ def _install_error_handling(app: FastAPI, config: ServerConfig) -> None:
     async def guard(request: Request, call_next):
         if config.api_key and request.url.path != "/health":
             if request.headers.get("authorization") != f"Bearer {config.api_key}":
-                return _error(ProtocolError("invalid or missing API key", status=401, code="invalid_api_key"))
+                return error_response(ProtocolError("invalid or missing API key", status=401, code="invalid_api_key"))
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return _error(ProtocolError(f"request body larger than {config.max_body_bytes} bytes", status=413))
+            return error_response(ProtocolError(f"request body larger than {config.max_body_bytes} bytes", status=413))
         try:
             return await call_next(request)
         except Exception:  # noqa: BLE001 - the last line of defence: a JSON 500, the traceback in the log
@@ -115,96 +162,3 @@ def _install_error_handling(app: FastAPI, config: ServerConfig) -> None:
         return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
 
-def _error(exc: ProtocolError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-@dataclass
-class _Serving:
-    """What the generation routes share: the worker, the tokenizer, the checkpoint's settings, the counters."""
-
-    worker: EngineWorker
-    tokenizer: Tokenizer | None
-    gen: GenerationConfig
-    config: ServerConfig
-    metrics: Metrics
-    model: ModelConfig
-
-    async def generate(self, request: Request, schema, endpoint: str):
-        """Parse, validate and submit one generation request; answer with its stream or its whole body."""
-        try:
-            job = await self._submit(request, schema, endpoint)
-        except ProtocolError as exc:
-            self.metrics.count(endpoint, exc.status)
-            return _error(exc)
-        self.metrics.count(endpoint, 200)
-        if job.body.stream:
-            return StreamingResponse(job.sse_events(request), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            finished = await job.run_to_end(request)
-        finally:
-            job.cancel()  # no-op once done; frees the row if this handler is cancelled
-        if not finished:
-            return JSONResponse(error_body("client disconnected"), status_code=499)
-        if job.failed:
-            return JSONResponse(error_body(job.error_message(), "server_error"), status_code=500)
-        return JSONResponse(job.final_body())
-
-    async def _submit(self, request: Request, schema, endpoint: str) -> Job:
-        config = self.config
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:
-            raise ProtocolError(f"request body larger than {config.max_body_bytes} bytes", status=413)
-        body = parse_body(raw, schema)
-        if body.model != config.served_model_name:
-            raise ProtocolError(f"model {body.model!r} does not exist; this server serves {config.served_model_name!r}",
-                                status=404, param="model", code="model_not_found")
-        gen = body.generation_config(self.gen, config.default_max_tokens)
-        prompt = _prompt_ids(body, endpoint, self.tokenizer)
-        constraint = await self._constraint(body, gen)
-        job = Job(body, gen, prompt, endpoint, config.served_model_name, self.tokenizer, self.metrics, constraint)
-        try:
-            self.worker.submit(job.request)
-        except ProtocolError:
-            raise
-        except UserError as exc:  # the engine's validation: sizes against the context, ids, settings
-            raise ProtocolError(str(exc), param="messages" if endpoint == "chat" else "prompt") from None
-        return job
-
-
-    async def _constraint(self, body, gen: GenerationConfig) -> CanvasConstraint | None:
-        """The request's structured-output constraint, compiled for this model off the event loop (an exact-mode
-        automaton takes up to seconds); ProtocolError (400) when it cannot be."""
-        spec = body.constraint_spec()
-        if spec is None:
-            return None
-        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
-        if self.tokenizer is None:
-            raise ProtocolError("structured outputs need the model's tokenizer (this checkpoint has none)", param=param)
-        if not gen.eos_token_ids:
-            raise ProtocolError("structured outputs need the model's end token ids (none are configured)", param=param)
-        try:
-            return await asyncio.to_thread(canvas_constraint, spec, self.tokenizer, self.model.vocab_size,
-                                           gen.eos_token_ids, self.model.canvas_length)
-        except ConstraintError as exc:
-            raise ProtocolError(str(exc), param=param) from None
-
-
-def _prompt_ids(body, endpoint: str, tokenizer: Tokenizer | None) -> list[int]:
-    if endpoint == "chat":
-        if tokenizer is None:
-            raise ProtocolError("this model has no tokenizer: use /v1/completions with token ids")
-        messages = [m.model_dump(exclude_none=True, include={"role", "content"}) for m in body.messages]
-        try:
-            return tokenizer.encode_chat(messages)
-        except UserError as exc:
-            raise ProtocolError(str(exc), param="messages") from None
-    if isinstance(body.prompt, list):
-        return body.prompt
-    if tokenizer is None:
-        raise ProtocolError("this model has no tokenizer: send the prompt as token ids", param="prompt")
-    try:
-        return tokenizer.encode(body.prompt)
-    except UserError as exc:
-        raise ProtocolError(str(exc), param="prompt") from None

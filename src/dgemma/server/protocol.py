@@ -1,13 +1,19 @@
-"""OpenAI-compatible request schemas, their mapping onto `GenerationConfig`, and the response bodies.
+"""OpenAI-compatible request schemas and their mapping onto `GenerationConfig` (response bodies: responses.py).
 
-Every field is either honoured or refused with HTTP 400 (never silently ignored): unknown fields, `n > 1`,
-`logprobs`, tools, `top_p`/`top_k` other than neutral values are refused. Types are strict, as OpenAI's: a
-boolean is not an integer, a string is not a number or a boolean; floats are finite.
+Every field is either honoured or refused with HTTP 400 naming it (never silently ignored): unknown fields,
+`presence_penalty` / `frequency_penalty` other than 0, `echo`, `suffix`, `best_of` > 1, `n` above MAX_N, and every
+unsupported combination (`refuse_unsupported`, `ChatCompletionRequest.check_tools`). Types are strict, as OpenAI's:
+a boolean is not an integer, a string is not a number or a boolean; floats are finite.
+Sampling: `temperature`, `top_p`, `top_k` (vLLM's; -1 or 0: off), `min_p`, `seed`, `n` (choice i > 0 draws with
+a seed derived from (seed, i)), `logprobs` (+ `top_logprobs` in chat; an integer in completions).
+Tools (chat): `tools`, `tool_choice` ("auto", "none", "required", or a named function), `parallel_tool_calls`,
+assistant messages with `tool_calls` and `tool` messages in the history; `chat_template_kwargs.enable_thinking`.
 Structured outputs: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) or vLLM's
 `structured_outputs` (`json`, `regex`, `choice`, `grammar` in Lark syntax, `json_object`), with the extensions
 `constraint_mode` ("default" or "exact") and `json_whitespace` ("compact", the default, or "flexible").
-Extensions (not in the OpenAI API): `max_denoising_steps`, `entropy_bound`, `confidence_threshold`, and
-`draft` (stream the argmax canvas after every denoising step as `event: draft` SSE events).
+Extensions (not in the OpenAI API): `max_denoising_steps`, `entropy_bound`, `confidence_threshold`, `draft`
+(stream the argmax canvas after every denoising step as `event: draft` SSE events) and `stream_mode` ("canvas",
+the default, or "prefix": each canvas's settled prefix is streamed and locked as it settles, sampler/prefix.py).
 
 Temperature: the sampler has no single temperature but a schedule from t_max to t_min (checkpoint default
 0.8 -> 0.4). The OpenAI `temperature` (default 1) multiplies both ends; values below GREEDY_SCALE (0
@@ -18,7 +24,6 @@ exercise these rules over HTTP.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -34,6 +39,8 @@ from dgemma.constrain.spec import ConstraintError, ConstraintSpec
 
 GREEDY_SCALE = 1e-4
 MAX_JSON_DEPTH = 32  # nesting of a request body (objects and arrays); deeper bodies get 400
+MAX_N = 8  # choices per request (each takes a row of the engine)
+MAX_TOP_LOGPROBS = 20
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
@@ -137,12 +144,69 @@ def _param_path(data: Any, loc: tuple) -> str:
     return ".".join(parts)
 
 
-# -- schemas -----------------------------------------------------------------------------------------------
+# -- schemas ---------------------------------------------------------------------------------------------
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCallIn(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    model_config = _STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def for_template(self, i: int) -> dict[str, Any]:
+        """The message as a chat template reads it: text parts joined, tool-call arguments as objects."""
+        content = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content
+        where = f"messages.{i}"
+        if content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ProtocolError(f"{where}.content is required (only an assistant message with tool_calls may omit "
+                                "it)", param=f"{where}.content")
+        if self.tool_calls and self.role != "assistant":
+            raise ProtocolError(f"{where}.tool_calls: only assistant messages make tool calls",
+                                param=f"{where}.tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ProtocolError(f"{where}.tool_call_id is required in a tool message", param=f"{where}.tool_call_id")
+        out: dict[str, Any] = {"role": self.role, "content": content}
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": _arguments(c.function.arguments, f"{where}.tool_calls.{k}")}}
+                for k, c in enumerate(self.tool_calls)]
+        return out
+
+
+def _arguments(text: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"{where}.function.arguments is not JSON ({exc})", param=f"{where}.function.arguments") \
+            from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}.function.arguments must be a JSON object", param=f"{where}.function.arguments")
+    return value
 
 
 class StructuredOutputs(BaseModel):
@@ -161,6 +225,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class TemplateKwargs(BaseModel):
+    """vLLM's `chat_template_kwargs`, as far as dgemma's templates read them."""
+
+    model_config = _STRICT
+    enable_thinking: bool = False
+
+
 class _Common(BaseModel):
     model_config = _STRICT
     model: str
@@ -170,9 +241,12 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     n: int | None = Field(default=None, ge=1)
-    logprobs: bool | int | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -183,6 +257,7 @@ class _Common(BaseModel):
     entropy_bound: float | None = Field(default=None, gt=0.0, le=MAX_ENTROPY_BOUND)
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=MAX_CONFIDENCE_THRESHOLD)
     draft: bool = False
+    stream_mode: Literal["canvas", "prefix"] = "canvas"
 
     @field_validator("stop")
     @classmethod
@@ -194,14 +269,26 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def top_logprob_count(self) -> int | None:
+        """The engine's `logprobs` setting: None (off), 0 (the chosen token's), or k alternatives too."""
+        raise NotImplementedError
+
     def refuse_unsupported(self) -> None:
-        if self.n not in (None, 1):
-            raise ProtocolError("n > 1 is not supported", param="n")
-        if self.logprobs not in (None, False, 0):
-            raise ProtocolError("logprobs are not supported", param="logprobs")
-        if self.top_p not in (None, 1.0):
-            raise ProtocolError("top_p is not supported (the sampler is entropy-bounded); omit it or use 1",
-                                param="top_p")
+        if self.choices > MAX_N:
+            raise ProtocolError(f"n must be at most {MAX_N}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise ProtocolError(f"{name} is not supported (a canvas is sampled in parallel: there is no earlier "
+                                    "token of the same canvas to penalise); omit it or use 0", param=name)
+        if self.stream_options is not None and not self.stream:
+            raise ProtocolError("stream_options is only allowed with stream: true", param="stream_options")
+        if self.stream_mode == "prefix" and self.constraint_mode == "exact":
+            raise ProtocolError("stream_mode 'prefix' cannot lock a prefix of an exact-mode constraint's canvas; use "
+                                "constraint_mode 'default'", param="stream_mode")
 
     def constraint_spec(self) -> ConstraintSpec | None:
         """The structured-output constraint the request asks for (None: free text); ProtocolError names the field
@@ -224,10 +311,12 @@ class _Common(BaseModel):
         if self.temperature is not None:
             scale = max(self.temperature, GREEDY_SCALE)  # documented clamp: 0 and tiny values are near-greedy
             t_min, t_max = base.t_min * scale, base.t_max * scale
+        top_k = None if self.top_k is None else max(self.top_k, 0)
         try:
             return base.replace(max_new_tokens=self.max_tokens or default_max_tokens, t_min=t_min, t_max=t_max,
                                 max_denoising_steps=self.max_denoising_steps, entropy_bound=self.entropy_bound,
-                                confidence_threshold=self.confidence_threshold)
+                                confidence_threshold=self.confidence_threshold, top_k=top_k, top_p=self.top_p,
+                                min_p=self.min_p)
         except UserError as exc:
             raise ProtocolError(str(exc)) from None
 
@@ -235,24 +324,55 @@ class _Common(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
+
+    def top_logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def thinking(self) -> bool:
+        return self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ProtocolError("tools are not supported", param="tools")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ProtocolError("top_logprobs needs logprobs: true", param="top_logprobs")
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise ProtocolError("max_tokens and max_completion_tokens disagree", param="max_tokens")
             self.max_tokens = self.max_completion_tokens
 
+    def tool_mode(self) -> tuple[str, str | None]:
+        """("none" | "auto" | "required" | "named", the named function); checks tool_choice against tools."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none", "auto"):
+                raise ProtocolError("tool_choice needs tools", param="tool_choice")
+            return "none", None
+        if choice is None or isinstance(choice, str):
+            return choice or "auto", None
+        fn = choice.get("function")
+        if set(choice) != {"type", "function"} or choice.get("type") != "function" or not isinstance(fn, dict) \
+                or set(fn) != {"name"} or not isinstance(fn.get("name"), str):
+            raise ProtocolError('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                '"function": {"name": ...}}', param="tool_choice")
+        return "named", fn["name"]
+
 
 class CompletionRequest(_Common):
     prompt: str | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
+
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -261,9 +381,28 @@ class CompletionRequest(_Common):
         if self.suffix:
             raise ProtocolError("suffix (infilling) is not supported", param="suffix")
         if self.best_of not in (None, 1):
-            raise ProtocolError("best_of is not supported", param="best_of")
+            raise ProtocolError("best_of is not supported (use n)", param="best_of")
         if not self.prompt:
             raise ProtocolError("prompt is empty", param="prompt")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or messages rendered by the chat template."""
+
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[int]
 
 
 def _format_kind(fmt: dict[str, Any] | None) -> tuple[str | None, Any]:
@@ -305,51 +444,3 @@ def _structured_kind(so: StructuredOutputs) -> tuple[str | None, Any]:
                             param="structured_outputs")
     (kind, value), = given.items()
     return kind, (None if kind == "json_object" else value)
-
-
-# -- responses ---------------------------------------------------------------------------------------------
-def completion_body(endpoint: str, request_id: str, model: str, text: str, finish_reason: str,
-                    usage: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
-    """The non-streamed response of /v1/chat/completions (`endpoint` "chat") or /v1/completions."""
-    common = {"id": request_id, "created": int(time.time()), "model": model, "usage": usage, "dgemma": extra}
-    if endpoint == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-        return {"object": "chat.completion", "choices": [choice], **common}
-    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-    return {"object": "text_completion", "choices": [choice], **common}
-
-
-def chunk_body(endpoint: str, request_id: str, model: str, delta: str | None, finish: str | None,
-               role: bool = False) -> dict[str, Any]:
-    """One streamed chunk (a text delta, the role announcement, or the finish reason)."""
-    base = {"id": request_id, "created": int(time.time()), "model": model}
-    if endpoint == "chat":
-        d: dict[str, Any] = {}
-        if role:
-            d["role"] = "assistant"
-        if delta:
-            d["content"] = delta
-        return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": finish}],
-                **base}
-    return {"object": "text_completion", "choices": [{"index": 0, "text": delta or "", "finish_reason": finish,
-                                                      "logprobs": None}], **base}
-
-
-def sse(obj: dict[str, Any], event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back any tail that could start one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """`text` is everything generated so far; returns (safe text, stopped)."""
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            return text[:cut], True
-        return (text[: len(text) - self.hold] if self.hold else text), False

