@@ -117,7 +117,10 @@ class QuantProduct:
         """The stacked (out, in) matrix in `dtype` (a transient copy)."""
         if len(self.parts) == 1:
             return self.parts[0].dequantize(dtype)
-        return torch.cat([p.dequantize(dtype) for p in self.parts])
+        w = torch.empty(self.bounds[-1][1], self.parts[0].in_features, dtype=dtype, device=self.parts[0].weight.device)
+        for (lo, hi), p in zip(self.bounds, self.parts, strict=True):
+            p.dequantize(dtype, out=w[lo:hi])
+        return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
