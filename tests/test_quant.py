@@ -182,15 +182,15 @@ def test_float32_load_keeps_bf16_scales_and_dequantizes_in_fp32(tmp_path):
 # -- the engine against the reference -------------------------------------------------------------------------
 def _forwards(model, seed=0):
     """(reference logits, fast-path logits) of one denoising pass after a prompt."""
-    cfg = model.config
+    cfg, device = model.config, model.device
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=g)
-    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
-    sc = (torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=g) * 3).to(model.dtype)
+    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=g).to(device)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g).to(device)
+    sc = (torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=g) * 3).to(device, model.dtype)
     cache = model.new_cache()
     model.encode(prompt, cache)
     ref = model.denoise(canvas, cache, sc)
-    fast_cache = StaticKVCache(cfg, 1, 256, "cpu", model.dtype)
+    fast_cache = StaticKVCache(cfg, 1, 256, device, model.dtype)
     encode_row(model, fast_cache, 0, prompt)
     fast = model.logits(denoise_rows(model, fast_cache, canvas, model.soft_embed(sc)))
     return ref, fast
@@ -231,6 +231,30 @@ def test_bf16_fast_path_error_is_the_reference_own_bf16_error(scheme):
     ref_err, fast_err = ref_bf16 - ref_fp32, fast - ref_fp32
     assert fast_err.pow(2).mean().sqrt() <= 1.5 * ref_err.pow(2).mean().sqrt()
     assert fast_err.abs().max() <= 2 * ref_err.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpu_paths_match_the_reference(scheme):
+    """On a GPU (never run yet: no GPU was available): the FP8 scaled GEMMs where the probe accepts them (on
+    Hopper and later it must), else the dequantizing products, against the reference's own bf16 error as above.
+    FP8 activations round to 4 significant bits where bf16 keeps 8: their error may be 16 times bf16's."""
+    from dgemma.engine import fp8
+
+    plain = random_model(preset_config("tiny", canvas_length=16), seed=2, dtype=torch.bfloat16, device="cuda")
+    model = quantize_model(plain, scheme)
+    exact = quantize_model(plain, scheme)
+    exact.load_state_dict({k: v if k in quant.stored_keys(exact) else v.float() for k, v in model.state_dict().items()},
+                          assign=True)
+    native = getattr(pack_weights(model).layers[0].experts, "native", False)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert native == (scheme == "fp8" and fp8.native_ok(model.device, torch.bfloat16)) and native == (
+        scheme == "fp8" and hopper)
+    ref_bf16, fast = _forwards(model)
+    ref_fp32, _ = _forwards(exact)
+    k = 16 if native else 1.5
+    assert (fast - ref_fp32).pow(2).mean().sqrt() <= k * (ref_bf16 - ref_fp32).pow(2).mean().sqrt()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
