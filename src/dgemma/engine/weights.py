@@ -279,10 +279,10 @@ class QuantGroupedExperts:
         xs = x[order // k]
         if self.native:
             y = fp8.grouped_experts(xs, flat, self.module, self.scales)
-        elif x.device.type == "cpu":
-            y = self._chunked(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
-        else:
+        elif x.device.type != "cpu" and _grouped_ok(x, self.gate_up.weight):
             y = _grouped_products(xs, flat, self.gate_up.dequantize(x.dtype), self.down.dequantize(x.dtype))
+        else:  # sync: free on CPU; on a GPU only where grouped GEMMs cannot run
+            y = self._chunked(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
         weighted = y.float() * weights.reshape(-1)[order, None]
         out = torch.empty_like(weighted)
         out[order] = weighted
@@ -317,9 +317,10 @@ class QuantGroupedExperts:
 
 
 def _grouped_ok(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
-    """Grouped GEMMs exist and the rows are 16-byte aligned (bf16 on a GPU)."""
+    """Grouped GEMMs exist and the rows of x (T, H) and of the (E, 2I, H) bank are 16-byte aligned (bf16 on a
+    GPU); `gate_up` may be the compressed bank (only its first two dimensions are read)."""
     align = 16 // x.element_size()
-    _, two_i, h = gate_up.shape
+    two_i, h = gate_up.shape[1], x.shape[-1]
     return (hasattr(torch, "_grouped_mm") and h % align == 0 and (two_i // 2) % align == 0
             and (x.device.type == "cpu" or x.dtype == torch.bfloat16))
 
@@ -329,8 +330,6 @@ def _grouped_products(xs: torch.Tensor, flat: torch.Tensor, gate_up: torch.Tenso
     e = gate_up.shape[0]
     counts = torch.histc(flat.int() if flat.is_cuda else flat.float(), bins=e, min=0, max=e - 1)
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    if not _grouped_ok(xs, gate_up):
-        raise RuntimeError("grouped GEMMs are unavailable for these expert shapes")  # not reached on CPU
     gate, up = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
     return torch._grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offs=offsets)
 
