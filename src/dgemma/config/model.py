@@ -10,6 +10,8 @@ Conventions kept from transformers 5.24 (`DiffusionGemmaTextConfig.__post_init__
 - Full-attention layers take `head_dim`/`num_key_value_heads` from `per_layer_config` (written by
   transformers >= 5.11) or from `global_head_dim` (default 512) / `num_global_key_value_heads`.
 - Full layers share K and V (no `v_proj`).
+A compressed checkpoint's `quantization_config` becomes `ModelConfig.quantization` (config/quantization.py) and is
+written back verbatim.
 """
 
 from __future__ import annotations
