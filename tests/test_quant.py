@@ -143,19 +143,24 @@ def test_round_trip_keeps_every_weight_compressed(checkpoints, scheme):
 
 
 def _engine_holds_no_dequantized_copy(model):
-    """Every tensor the engine's quantized products hold is one of the model's own compressed tensors (or a
-    scale); the engine's other tensors are copies of unquantized weights only."""
+    """Every tensor the engine's quantized products hold is one of the model's own compressed tensors or a vector
+    of per-channel scales (at most one value per output row); the engine's other tensors are copies of
+    unquantized weights only."""
     w = pack_weights(model)
     own = {t.data_ptr() for t in model.parameters()}
     products = [p for lw in w.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down, lw.experts)
                 if isinstance(p, (QuantProduct, QuantDenseExperts, QuantGroupedExperts))]
     assert products
+    held = set()
     for product in products:
         found: dict[int, torch.Tensor] = {}
         engine_weights._collect(product, found)
-        assert found and all(t.data_ptr() in own for t in found.values())
+        rows = sum(t.shape[:-1].numel() for t in found.values() if t.dtype in COMPRESSED and t.dim() >= 2)
+        assert found and all(t.data_ptr() in own or t.numel() <= rows for t in found.values())
+        held |= set(found)
     plain_bytes = sum(t.numel() * t.element_size() for t in model.parameters() if t.dtype not in COMPRESSED)
-    copies = [t for t in w.tensors() if _has_storage(t) and t.data_ptr() not in own]  # MKL's packs are opaque
+    copies = [t for t in w.tensors()  # MKL's packs are opaque
+              if id(t) not in held and _has_storage(t) and t.data_ptr() not in own]
     assert all(t.dtype not in COMPRESSED for t in copies)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in copies}
     assert sum(storages.values()) <= plain_bytes  # copies of unquantized weights only

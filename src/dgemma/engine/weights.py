@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dgemma.config.quantization import FP8
 from dgemma.engine import fp8
 from dgemma.engine.ops import gelu_tanh
 from dgemma.model.modeling import DiffusionGemma
-from dgemma.model.quant import QuantExperts, QuantLinear
+from dgemma.model.quant import QuantExperts, QuantLinear, fp8_as_half
 
 PACK_LIMIT = 1 << 30  # parameter bytes up to which the engine keeps packed copies (and, fp32 CPU, MKL packs)
 DENSE_EXPERTS = 16  # up to this many experts: every expert on every token in two GEMMs (CPU-sized models)
@@ -101,10 +102,12 @@ class Stacked:
 
 class QuantProduct:
     """y = x @ [W_1; ...; W_n]^T for compressed weights (`QuantLinear`s on the same input), dequantized inside the
-    call: the full-precision matrix exists only for this product. With `native` (a probed FP8 GPU), scaled FP8
-    GEMMs with per-token activation scales instead. An attached LoRA update is added beside, per part."""
+    call: the full-precision matrix exists only for this product. FP8 multiplies the exact code values and scales
+    the product's columns by the per-channel scales instead (the same product, one pass over the matrix fewer).
+    With `native` (a probed FP8 GPU), scaled FP8 GEMMs with per-token activation scales. An attached LoRA update
+    is added beside, per part."""
 
-    __slots__ = ("bounds", "lora", "native", "parts")
+    __slots__ = ("bounds", "lora", "native", "out_scale", "parts")
 
     def __init__(self, parts: list[QuantLinear], lora: list[tuple[torch.Tensor, torch.Tensor, float] | None],
                  native: bool = False) -> None:
@@ -112,6 +115,17 @@ class QuantProduct:
         ends = torch.tensor([p.out_features for p in parts]).cumsum(0).tolist()
         self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))
         self.lora = [(lo, hi, ab) for (lo, hi), ab in zip(self.bounds, lora, strict=True) if ab is not None]
+        fp8_parts = all(p.scheme == FP8 for p in parts)
+        # (out,) fp32: the scales times 2^8, the offset of `fp8_as_half`
+        self.out_scale = torch.cat([p.weight_scale.float().view(-1) for p in parts]) * 256.0 if fp8_parts else None
+
+    def codes(self, dtype: torch.dtype) -> torch.Tensor:
+        """FP8: the stacked code values times 2^-8, (out, in) in `dtype` (exact)."""
+        bits = torch.empty(self.bounds[-1][1], self.parts[0].in_features, dtype=torch.int16,
+                           device=self.parts[0].weight.device)
+        for (lo, hi), p in zip(self.bounds, self.parts, strict=True):
+            fp8_as_half(p.weight, out=bits[lo:hi])
+        return bits.view(torch.float16).to(dtype)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The stacked (out, in) matrix in `dtype` (a transient copy)."""
@@ -125,6 +139,8 @@ class QuantProduct:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
             y = fp8.linear(x, self.parts)
+        elif self.out_scale is not None:
+            y = F.linear(x, self.codes(x.dtype)).mul_(self.out_scale)
         else:
             y = F.linear(x, self.weight(x.dtype))
         for lo, hi, (a, b, scale) in self.lora:
@@ -247,13 +263,26 @@ class QuantDenseExperts:
     def __init__(self, experts: QuantExperts) -> None:
         self.gate_up, self.down = experts.gate_up_proj, experts.down_proj
         self.num_experts, self.intermediate = experts.num_experts, experts.down_proj.cols
+        self.scales = None  # FP8: the products' columns are scaled (see `QuantProduct`)
+        if self.gate_up.scheme == FP8:
+            e, h = self.num_experts, self.down.rows
+            self.scales = (self.gate_up.weight_scale.float().view(-1) * 256.0,
+                           self.down.weight_scale.float().view(e, 1, h) * 256.0)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H) normed, ids / weights (T, K) -> (T, H) in x.dtype."""
         t, e, i = x.shape[0], self.num_experts, self.intermediate
-        gu = F.linear(x, self.gate_up.dequantize(x.dtype).view(e * 2 * i, -1)).view(t, e, 2, i)
+        if self.scales is not None:
+            gu = F.linear(x, fp8_as_half(self.gate_up.weight).to(x.dtype).view(e * 2 * i, -1)).mul_(self.scales[0])
+            down = fp8_as_half(self.down.weight).to(x.dtype)
+        else:
+            gu = F.linear(x, self.gate_up.dequantize(x.dtype).view(e * 2 * i, -1))
+            down = self.down.dequantize(x.dtype)
+        gu = gu.view(t, e, 2, i)
         act = gelu_tanh(gu[:, :, 0]) * gu[:, :, 1]  # (T, E, I)
-        y = torch.matmul(act.transpose(0, 1), self.down.dequantize(x.dtype).transpose(1, 2))  # (E, T, H)
+        y = torch.matmul(act.transpose(0, 1), down.transpose(1, 2))  # (E, T, H)
+        if self.scales is not None:
+            y.mul_(self.scales[1])
         dense_w = torch.zeros(t, e, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
         return torch.einsum("eth,te->th", y.float(), dense_w).to(x.dtype)
 
