@@ -383,6 +383,9 @@ def test_quantize_command_refusals(checkpoints, tmp_path, capsys):
     assert "already quantized (fp8)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", "--scheme", "int4", "--out", str(tmp_path / "y")])
+    same = str(checkpoints / "plain")
+    assert main(["quantize", "--model", same, "--scheme", "fp8", "--out", same]) == 2
+    assert "--out is the source checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

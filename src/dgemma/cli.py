@@ -1,4 +1,4 @@
-"""Command line: `dgemma generate | chat | serve | bench | train | data build | random-checkpoint | quantize`.
+"""Command line: `dgemma generate | chat | serve | bench | train | data build | random-checkpoint`.
 
 `dgemma generate --model DIR --prompt-ids 2,17,99 --max-new-tokens 40 --seed 3 --exact --json` is a stable
 scripting interface: it prints one JSON object with `token_ids` (generated ids only), `text`, `steps` (per
@@ -506,6 +506,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.max_shard_mb < 1:
         raise UsageError(f"--max-shard-mb must be >= 1, got {args.max_shard_mb}")
     model_dir = _model_dir(args.model)
+    if Path(args.out).resolve() == model_dir.resolve():
+        raise UsageError("--out is the source checkpoint; write the quantized one to another directory")
     model, _ = load_model(model_dir)  # memory-mapped in its own dtype; quantized one matrix at a time
     if model.config.quantization is not None:
         raise UsageError(f"{model_dir} is already quantized ({model.config.quantization.scheme}); quantize its "

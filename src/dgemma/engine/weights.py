@@ -364,7 +364,8 @@ def _grouped_products(xs: torch.Tensor, flat: torch.Tensor, gate_up: torch.Tenso
 
 
 class LayerWeights:
-    """One decoder layer's products. `experts`: `DenseExperts` (few experts, packed) or `GroupedExperts`.
+    """One decoder layer's products. `experts`: `DenseExperts` (few experts, packed) or `GroupedExperts`, or for
+    compressed banks `QuantDenseExperts` / `QuantGroupedExperts`.
     `ffn_in`: the FFN's three input products (dense gate/up, every expert's gate/up, router) in one GEMM of the
     scale-free RMSNorm of the residual, with the norm weights and the router scale folded in (fp32 MKL
     models with dense experts)."""
