@@ -3,7 +3,8 @@ the same process on the same weights and settings.
 
 Baselines: `transformers` (its `generate`, imported only here; the engine never imports it) and `ar` (the
 same weights decoded autoregressively, one token per forward: the "faster than autoregressive" question).
-Every figure comes from this run; nothing is compared across runs. Returns a dict that the CLI prints.
+Every figure comes from this run; nothing is compared across runs. Returns a dict that the CLI prints; it includes
+`resident_weight_bytes`, the bytes the weights occupy in memory (compressed ones at their compressed size).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from dgemma.config import BenchConfig, ConfigError, EngineConfig, GenerationConfig, ModelConfig, check_request
 from dgemma.engine.engine import Engine, GenerationRequest
 from dgemma.model.modeling import DiffusionGemma
+from dgemma.model.quant import resident_weight_bytes
 from dgemma.sampler.stats import GenerationStats
 
 
@@ -176,6 +178,8 @@ def benchmark(model: DiffusionGemma, model_dir: Path | None, gen: GenerationConf
     result = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "parameters": sum(p.numel() for p in model.parameters()), "batch": cfg.batch,
+              "quantization": model.config.quantization and model.config.quantization.scheme,
+              "resident_weight_bytes": resident_weight_bytes(model),
               "prompt_tokens": cfg.prompt_tokens, "max_new_tokens": gen.max_new_tokens,
               "max_denoising_steps": gen.max_denoising_steps, "confidence_threshold": gen.confidence_threshold,
               "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs}

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_generate, _add_chat, _add_serve, _add_bench, _add_train, _add_finetune, _add_merge, _add_data,
-                _add_random_checkpoint):
+                _add_random_checkpoint, _add_quantize):
         add(sub)
     return parser
 
@@ -172,6 +172,17 @@ def _add_random_checkpoint(sub) -> None:
     r.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the preset's)")
     r.add_argument("--max-shard-mb", type=int, default=2048)
     r.set_defaults(func=cmd_random_checkpoint)
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help="write an FP8 or NVFP4 checkpoint (the published layouts) from a bf16/fp32 one")
+    q.add_argument("--model", default=None, help="bf16/fp32 checkpoint directory (default: the bundled model)")
+    q.add_argument("--scheme", required=True, choices=("fp8", "nvfp4"),
+                   help="fp8: compressed-tensors FP8 (RedHatAI's layout); nvfp4: modelopt NVFP4 (NVIDIA's layout)")
+    q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--dtype", default=None, help="dtype of the tensors left unquantized (default: the source's)")
+    q.add_argument("--max-shard-mb", type=int, default=4096)
+    q.set_defaults(func=cmd_quantize)
 
 
 # -- shared ------------------------------------------------------------------------------------------------
@@ -485,6 +496,29 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     gen = GenerationConfig(eos_token_ids=config.eos_token_ids, pad_token_id=config.pad_token_id)
     out = save_model(model, args.out, generation_config=gen, max_shard_bytes=args.max_shard_mb * 2**20)
     print(f"wrote {out} ({count_parameters(config) / 1e6:.2f}M parameters, {config.dtype})")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dgemma.model.quant import resident_weight_bytes
+    from dgemma.model.quantize import quantize_model
+
+    if args.max_shard_mb < 1:
+        raise UsageError(f"--max-shard-mb must be >= 1, got {args.max_shard_mb}")
+    model_dir = _model_dir(args.model)
+    if Path(args.out).resolve() == model_dir.resolve():
+        raise UsageError("--out is the source checkpoint; write the quantized one to another directory")
+    model, _ = load_model(model_dir)  # memory-mapped in its own dtype; quantized one matrix at a time
+    if model.config.quantization is not None:
+        raise UsageError(f"{model_dir} is already quantized ({model.config.quantization.scheme}); quantize its "
+                         "bf16/fp32 checkpoint")
+    qmodel = quantize_model(model, args.scheme)
+    dtype = parse_dtype(args.dtype) if args.dtype else read_model_dtype(model_dir)
+    out = save_model(qmodel, args.out, generation_config=read_generation_config(model_dir, model.config),
+                     tokenizer_dir=model_dir, dtype=dtype, max_shard_bytes=args.max_shard_mb * 2**20)
+    before, after = resident_weight_bytes(model), resident_weight_bytes(qmodel)
+    print(f"wrote {out} ({model_dir.name}, {args.scheme}: weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+          f"in memory, unquantized tensors {dtype})")
     return 0
 
 

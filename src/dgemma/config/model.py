@@ -10,6 +10,8 @@ Conventions kept from transformers 5.24 (`DiffusionGemmaTextConfig.__post_init__
 - Full-attention layers take `head_dim`/`num_key_value_heads` from `per_layer_config` (written by
   transformers >= 5.11) or from `global_head_dim` (default 512) / `num_global_key_value_heads`.
 - Full layers share K and V (no `v_proj`).
+A compressed checkpoint's `quantization_config` becomes `ModelConfig.quantization` (config/quantization.py) and is
+written back verbatim.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dgemma.config.errors import ConfigError
+from dgemma.config.quantization import QuantizationConfig, parse_quantization_config
 from dgemma.config.values import as_id_tuple
 
 SLIDING = "sliding_attention"
@@ -80,6 +83,8 @@ class ModelConfig:
     vision_config: dict[str, Any] | None = None
     # Overrides from `per_layer_config`, keyed by layer index.
     per_layer_overrides: dict[int, dict[str, int]] = field(default_factory=dict)
+    # A compressed checkpoint's `quantization_config` (None: every weight in `dtype`).
+    quantization: QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
         if self.layer_types is None:
@@ -184,6 +189,8 @@ class ModelConfig:
                 raise ConfigError(f"per_layer_config[{idx}] sets unsupported fields {sorted(unknown)}")
             overrides[int(idx)] = dict(override)
         kwargs["per_layer_overrides"] = overrides
+        if data.get("quantization_config") is not None:
+            kwargs["quantization"] = parse_quantization_config(data["quantization_config"])
         try:
             return cls(**kwargs)
         except (TypeError, AttributeError, KeyError) as exc:  # a field of the wrong JSON type
@@ -220,6 +227,8 @@ class ModelConfig:
                 out[key] = getattr(self, key)
         if self.vision_config is not None:
             out["vision_config"] = self.vision_config
+        if self.quantization is not None:
+            out["quantization_config"] = self.quantization.raw
         return out
 
 

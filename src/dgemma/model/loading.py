@@ -15,6 +15,10 @@ Key accounting (every key in the checkpoint is either loaded, verified or report
 - `model.encoder.vision_tower.*`, `model.encoder.embed_vision.*`: the vision tower (not built yet);
   reported as unused.
 Anything else is an error. tests/test_loading.py covers each error and both round trips.
+
+A config.json with a `quantization_config` builds the compressed model (`model/quant.py`): its compressed tensors
+keep their stored dtypes exactly, per-expert checkpoint tensors are stacked into the expert banks, and a checkpoint
+that mixes quantized and unquantized tensors is refused (tests/test_quant.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from safetensors.torch import save_file
 
 from dgemma.config import GenerationConfig, ModelConfig, UserError, parse_dtype
 from dgemma.fileio import atomic_directory
+from dgemma.model import quant
 from dgemma.model.modeling import DiffusionGemma
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _TIED_PREFIXES = ("model.encoder.language_model.", "lm_head.")
+_QUANT_SUFFIX = re.compile(r"\.(weight_scale|weight_scale_2|input_scale|weight_packed|weight_zero_point)$")
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 class CheckpointError(UserError):
@@ -68,9 +75,12 @@ class LoadReport:
     verified_layer_scalars: int = 0
     tied_ignored: list[str] = field(default_factory=list)
     unused_vision: list[str] = field(default_factory=list)
+    quantization: str | None = None  # the scheme of a compressed checkpoint
 
     def summary(self) -> str:
         parts = [f"{self.loaded} tensors loaded", f"{self.verified_layer_scalars} encoder layer scalars verified"]
+        if self.quantization:
+            parts.append(f"{self.quantization} weights kept compressed")
         if self.tied_ignored:
             parts.append(f"{len(self.tied_ignored)} tied duplicates ignored")
         if self.unused_vision:
@@ -218,21 +228,26 @@ def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None 
         raise CheckpointError(f"invalid device {device!r}: {exc}") from None
     by_key = _open_shards(path)
     with torch.device("meta"):
-        model = (build or DiffusionGemma)(config)
-    report = LoadReport(directory=path)
+        model = (build or (quant.build_quantized if config.quantization else DiffusionGemma))(config)
+    report = LoadReport(directory=path, quantization=config.quantization and config.quantization.scheme)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in by_key]
+    parts, stored = quant.checkpoint_parts(model), quant.stored_keys(model)
+    _refuse_mixed(config, by_key, parts, stored)
+    needed = [p.key for ps in parts.values() for p in ps]
+    missing = [k for k in [*(k for k in expected if k not in parts), *needed] if k not in by_key]
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
     tensors: dict[str, torch.Tensor] = {}
     for key, ref in expected.items():
+        if key in parts:
+            tensors[key] = _stacked(by_key, parts[key], ref, device)
+            continue
         src = by_key[key]
-        if list(src.entries[key][1]) != list(ref.shape):
-            raise CheckpointError(f"{src.path.name}: tensor {key!r} has shape {src.entries[key][1]}, "
-                                  f"config.json implies {list(ref.shape)}")
-        tensors[key] = _placed(src.tensor(key), ref.dtype, target, device, f"{src.path.name}: tensor {key!r}")
-    report.loaded = len(tensors)
-    _account_extra_keys(path, by_key, expected, tensors, report)
+        _check_shape(src, key, ref.shape)
+        tensors[key] = _placed(src.tensor(key), ref.dtype, target, device, f"{src.path.name}: tensor {key!r}",
+                               exact=key in stored)
+    report.loaded = len(tensors) + len(needed) - len(parts)
+    _account_extra_keys(path, by_key, set(expected) | set(needed), tensors, report)
     model.load_state_dict(tensors, assign=True, strict=True)
     model.stack.reset_buffers(device)
     model.requires_grad_(False)
@@ -243,10 +258,54 @@ def load_model(directory: str | os.PathLike, *, dtype: str | torch.dtype | None 
     return model.eval(), report
 
 
+def _check_shape(src: _Shard, key: str, shape) -> None:
+    if list(src.entries[key][1]) != list(shape):
+        raise CheckpointError(f"{src.path.name}: tensor {key!r} has shape {src.entries[key][1]}, "
+                              f"config.json implies {list(shape)}")
+
+
+def _stacked(by_key: dict[str, _Shard], parts: list[quant.Part], ref: torch.Tensor,
+             device: torch.device) -> torch.Tensor:
+    """A bank tensor filled from its per-expert checkpoint tensors, each checked for shape and dtype."""
+    out = torch.empty(ref.shape, dtype=ref.dtype, device=device)
+    for p in parts:
+        src = by_key[p.key]
+        _check_shape(src, p.key, p.shape)
+        t = _placed(src.tensor(p.key), p.dtype, p.dtype, device, f"{src.path.name}: tensor {p.key!r}", exact=True)
+        rows = 1 if p.shape == () else p.shape[0]
+        out[p.expert, p.start:p.start + rows].copy_(t.reshape(rows, *ref.shape[2:]))
+    return out
+
+
+def _refuse_mixed(config: ModelConfig, by_key: dict[str, _Shard],
+                  parts: dict[str, list[quant.Part]], stored: set[str]) -> None:
+    """One line naming the first tensor that is compressed where config.json says plain, or plain where it says
+    compressed (shards of two checkpoints, or a config.json that does not belong to the weights)."""
+    q = config.quantization
+    compressed_weights = {k for k in stored if k.endswith(".weight")} | {
+        p.key for k, ps in parts.items() if k.endswith(".weight") for p in ps}
+    banks = {k.removesuffix(".weight") for k in parts if k.endswith(".weight")}  # fused bf16 names of those banks
+    for key, shard in by_key.items():
+        dtype = shard.entries[key][0]
+        if key.startswith(_VISION_PREFIXES) or key.startswith(_TIED_PREFIXES):
+            continue
+        if q is None and (_QUANT_SUFFIX.search(key) or _PER_EXPERT.search(key)):
+            raise CheckpointError(
+                f"{shard.path.name}: tensor {key!r} ({dtype}) is quantized but config.json has no "
+                "quantization_config: this checkpoint mixes quantized and unquantized shards, or its config.json "
+                "belongs to other weights")
+        if q is not None and ((key in compressed_weights and dtype in COMPUTE_DTYPES) or key in banks):
+            raise CheckpointError(
+                f"{shard.path.name}: tensor {key!r} is stored unquantized ({dtype}) but config.json's "
+                f"quantization_config ({q.scheme}) stores it compressed: this checkpoint mixes quantized and "
+                "unquantized shards")
+
+
 def _placed(tensor: torch.Tensor, declared: torch.dtype, target: torch.dtype, device: torch.device,
-            what: str) -> torch.Tensor:
-    """A checkpoint tensor as the model holds it (see `load_model`)."""
-    if declared in COMPUTE_DTYPES:
+            what: str, exact: bool = False) -> torch.Tensor:
+    """A checkpoint tensor as the model holds it (see `load_model`); `exact`: a compressed tensor or scale, kept in
+    exactly its declared dtype."""
+    if declared in COMPUTE_DTYPES and not exact:
         if tensor.dtype not in COMPUTE_DTYPES:
             raise CheckpointError(f"{what} has dtype {tensor.dtype}; the model computes with it in floating point "
                                   "(a compressed checkpoint needs its quantization_config)")
@@ -256,10 +315,10 @@ def _placed(tensor: torch.Tensor, declared: torch.dtype, target: torch.dtype, de
     return tensor.to(device=device)
 
 
-def _account_extra_keys(path: Path, by_key: dict[str, _Shard], expected: dict, tensors: dict,
+def _account_extra_keys(path: Path, by_key: dict[str, _Shard], accounted: set[str], tensors: dict,
                         report: LoadReport) -> None:
     for key, shard in by_key.items():
-        if key in expected:
+        if key in accounted:
             continue
         match = _ENCODER_SCALAR.match(key)
         if match:
@@ -298,8 +357,10 @@ def save_model(model: DiffusionGemma, directory: str | os.PathLike, *,
     config = model.config
     dtype_name = parse_dtype(dtype) if dtype else _dtype_name_of(model.dtype)
     target = getattr(torch, dtype_name)
-    state = {k: v.detach().to("cpu", target if v.dtype in COMPUTE_DTYPES else v.dtype).contiguous()
+    stored = quant.stored_keys(model)  # compressed tensors and their scales: written exactly as held
+    state = {k: v.detach().to("cpu", target if v.dtype in COMPUTE_DTYPES and k not in stored else v.dtype)
              for k, v in model.state_dict().items()}
+    state = quant.split_banks(model, state)
     for i in range(config.num_hidden_layers):
         twin = state[f"model.decoder.layers.{i}.layer_scalar"]
         state[f"model.encoder.language_model.layers.{i}.layer_scalar"] = twin.clone()
@@ -343,13 +404,19 @@ def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: in
     weight_map, total = {}, 0
     for i, keys in enumerate(shards, 1):
         name = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file({k: state[k] for k in keys}, str(out / name), metadata=metadata)
+        save_file({k: _own(state[k]) for k in keys}, str(out / name), metadata=metadata)
         for k in keys:
             weight_map[k] = name
             total += state[k].numel() * state[k].element_size()
     if n > 1:
         index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor with a storage of its own (a slice of an expert bank is copied as it is written)."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:

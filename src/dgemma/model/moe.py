@@ -62,7 +62,11 @@ class Experts(nn.Module):
             slots = order[start:start + count]
             start += count
             tok, kk = slots // k, slots % k
-            gate, up = F.linear(x[tok], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert])
+            gate, up = self.project(x[tok], expert, "gate_up").chunk(2, dim=-1)
+            y = self.project(F.gelu(gate, approximate="tanh") * up, expert, "down")
             out[tok, kk] = y * weights[tok, kk, None]
         return out.sum(dim=1).to(x.dtype)
+
+    def project(self, x: torch.Tensor, expert: int, which: str) -> torch.Tensor:
+        """x @ W^T for one expert's `gate_up` or `down` weight (a compressed bank overrides this)."""
+        return F.linear(x, (self.gate_up_proj if which == "gate_up" else self.down_proj)[expert])

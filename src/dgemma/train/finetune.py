@@ -108,6 +108,9 @@ def _build(cfg: FinetuneConfig, env: parallel.Dist, base: Path) -> _Run:
     if cfg.lora.lora_rank == 0 and dtype != "float32":
         raise ConfigError("full fine-tuning keeps fp32 master weights (--dtype float32); a LoRA base may be bf16")
     model, _ = load_model(base, dtype=dtype, device=device)
+    if model.config.quantization is not None and (cfg.lora.lora_rank == 0 or env.mesh is not None):
+        raise ConfigError(f"{base} is quantized ({model.config.quantization.scheme}): it fine-tunes LoRA adapters "
+                          "(--lora-rank R) in one process; full or multi-process fine-tuning needs its bf16 checkpoint")
     # own copies: the loaded tensors are memory-mapped views of the checkpoint, and training writes them
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     adapter = None

@@ -37,6 +37,7 @@ from torch import nn
 
 from dgemma.config import UserError
 from dgemma.model.modeling import DiffusionGemma
+from dgemma.model.quant import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,12 @@ def architecture(model: DiffusionGemma) -> str:
 
 def weights_fingerprint(model: DiffusionGemma, targets: tuple[str, ...] = DEFAULT_TARGETS) -> str:
     """sha256 over 64 evenly spaced elements of every target weight, rounded to bf16 (so an fp32 load of a bf16
-    checkpoint has the same fingerprint). "" when the weights are not materialised (meta or sharded)."""
+    checkpoint has the same fingerprint). "" when the weights are not materialised (meta or sharded) or are
+    compressed (a quantized base and its bf16 original share adapters, so neither can vouch for the other)."""
     digest = hashlib.sha256()
     for name, module in sorted(target_linears(model, targets).items()):
         w = module.weight
-        if w.device.type == "meta" or type(w.data) is not torch.Tensor:
+        if w.device.type == "meta" or type(w.data) is not torch.Tensor or isinstance(module, QuantLinear):
             return ""
         flat = w.detach().reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()
@@ -256,6 +258,11 @@ def trainable_parameters(model: DiffusionGemma) -> dict[str, nn.Parameter]:
 def merge_adapter(model: DiffusionGemma) -> None:
     """Add scale * B @ A into each target weight once (one module serves both passes) and detach the adapter.
     The sum is formed in fp32 and rounded once to the weight dtype. Not undoable: keep the adapter file."""
+    attached = attached_adapter(model)
+    if attached is not None and any(isinstance(m, QuantLinear)
+                                    for m in target_linears(model, attached.config.targets).values()):
+        raise AdapterError("cannot merge an adapter into a quantized base; merge it into the bf16/fp32 checkpoint "
+                           "and quantize the result (dgemma quantize)")
     adapter = detach_adapter(model)
     linears = target_linears(model, adapter.config.targets)
     for name, pair in adapter.pairs().items():
