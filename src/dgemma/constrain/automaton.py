@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dgemma.constrain import bitmask
-from dgemma.constrain.backend import check_draft
+from dgemma.constrain.bitmask import check_draft
 from dgemma.constrain.regex_dfa import ByteDFA, compile_regex
 from dgemma.constrain.spec import ConstraintError, ConstraintSpec
 from dgemma.constrain.text import regex_escape

@@ -30,6 +30,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from dgemma.constrain import bitmask
+from dgemma.constrain.bitmask import check_draft
 from dgemma.constrain.spec import ConstraintError, ConstraintSpec
 from dgemma.constrain.text import regex_escape
 
@@ -335,16 +336,6 @@ def _explain(error: str) -> str:
         return ("no token of this model's vocabulary can continue the output here (the grammar needs text the "
                 f"tokenizer cannot produce; llguidance: {error})")
     return error
-
-
-def check_draft(draft: Sequence[int] | torch.Tensor | np.ndarray, vocab_size: int) -> np.ndarray:
-    """The draft as int64 numpy, with a clear error for ids outside [0, V)."""
-    if isinstance(draft, torch.Tensor):
-        draft = draft.detach().cpu().numpy()  # sync: the previous argmax canvas comes to the host
-    arr = np.asarray(draft, dtype=np.int64).reshape(-1)
-    if len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise ValueError(f"draft token ids must lie in [0, {vocab_size}), got range [{arr.min()}, {arr.max()}]")
-    return arr
 
 
 def _cut_at_end(tokens: list[int], end_ids: tuple[int, ...]) -> list[int]:

@@ -3,12 +3,15 @@
 A packed mask of a canvas is (n, ceil(V / 32)) int32 = V / 8 bytes per row (32 KB at V = 262,144),
 so it is cheap to copy to the device and unpack there; unpacking on the CPU uses numpy's
 `unpackbits`, on other devices shifts of uint8 bytes. Bits at or beyond V are ignored.
-tests/test_constrain_masks.py checks pack/unpack round trips at widths that are not multiples of 32.
+tests/test_constrain_masks.py checks pack/unpack round trips at widths that are not multiples of 32. `check_draft`
+validates the draft ids that masks are built along.
 
 Shapes: n rows, V vocabulary (the model's logits width), W = ceil(V / 32) words.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -55,3 +58,13 @@ def from_ids(ids: list[int] | np.ndarray, vocab_size: int) -> np.ndarray:
     row = np.zeros(words(vocab_size) * 32, dtype=bool)
     row[np.asarray(ids, dtype=np.int64)] = True
     return np.packbits(row, bitorder="little").view(np.int32)
+
+
+def check_draft(draft: Sequence[int] | torch.Tensor | np.ndarray, vocab_size: int) -> np.ndarray:
+    """The draft as int64 numpy, with a clear error for ids outside [0, V)."""
+    if isinstance(draft, torch.Tensor):
+        draft = draft.detach().cpu().numpy()  # sync: the previous argmax canvas comes to the host
+    arr = np.asarray(draft, dtype=np.int64).reshape(-1)
+    if len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(f"draft token ids must lie in [0, {vocab_size}), got range [{arr.min()}, {arr.max()}]")
+    return arr

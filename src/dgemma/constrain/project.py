@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from dgemma.constrain import bitmask
-from dgemma.constrain.backend import Matcher, check_draft
+from dgemma.constrain.backend import Matcher
+from dgemma.constrain.bitmask import check_draft
 
 _FIRST_CHUNK = 8
 

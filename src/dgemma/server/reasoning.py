@@ -20,9 +20,8 @@ import json
 import llguidance as llg
 
 from dgemma.constrain.spec import ConstraintError, ConstraintSpec
+from dgemma.server.tools import CHANNEL_CLOSE, CHANNEL_OPEN, THOUGHT_LABEL
 
-CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
-THOUGHT_LABEL = "thought\n"
 THINK = "<|think|>"
 REASONING_MARKERS = (CHANNEL_OPEN, CHANNEL_CLOSE, THINK)
 

@@ -26,7 +26,16 @@ from typing import Any
 
 from dgemma.constrain.json_regex import int_range_regex
 from dgemma.constrain.spec import ConstraintError
-from dgemma.server.tools import STRING_DELIM, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOL_RESPONSE_OPEN, Function
+from dgemma.server.tools import (
+    CHANNEL_CLOSE,
+    CHANNEL_OPEN,
+    STRING_DELIM,
+    THOUGHT_LABEL,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    TOOL_RESPONSE_OPEN,
+    Function,
+)
 
 ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "default", "examples", "deprecated",
                "readOnly", "writeOnly", "$defs", "definitions", "strict", "additionalProperties"}
@@ -287,6 +296,4 @@ def tool_call_grammar(functions: list[Function], markers: Markers, parallel: boo
 
 def thinking_block(markers: Markers) -> str:
     """Gemma 4's thinking channel, `<|channel>thought\\n...<channel|>`, as a grammar expression."""
-    from dgemma.server.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN, THOUGHT_LABEL
-
     return markers.block(CHANNEL_OPEN, THOUGHT_LABEL, CHANNEL_CLOSE)
