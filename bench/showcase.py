@@ -55,7 +55,7 @@ def cmd_data(args) -> None:
     model learns the tasks and keeps its free text."""
     rng = random.Random(0)
     rows = []
-    for family in tasks.FAMILIES:
+    for family in tasks.SHOWCASE:
         rows += [_chat(e.prompt, e.answer) for e in tasks.examples(family, args.per_family, "train")]
     text = Path(args.corpus, "pretrain.train.txt").read_text().replace("\x1e", "")
     for _ in range(args.text):
@@ -69,7 +69,7 @@ def cmd_data(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {out / 'train.jsonl'}: {len(rows)} examples ({args.per_family} per family x "
-          f"{len(tasks.FAMILIES)}, {args.text} text continuations, {min(args.chat, len(chats))} chat pairs)")
+          f"{len(tasks.SHOWCASE)}, {args.text} text continuations, {min(args.chat, len(chats))} chat pairs)")
 
 
 def _chat(prompt: str, answer: str) -> dict:
@@ -169,7 +169,7 @@ def cmd_eval(args) -> None:
     fixed = gen.replace(confidence_threshold=0.0, max_denoising_steps=args.fixed_steps, stop_at_end=False)
     results: dict = {"model": str(path), "families": {}, "settings": {"generation": vars(gen) | {
         "eos_token_ids": list(gen.eos_token_ids)}, "fixed_steps": args.fixed_steps}}
-    for family in tasks.FAMILIES:
+    for family in tasks.SHOWCASE:
         items = tasks.examples(family, args.per_family, "test")
         runs = {"diffusion": (run_diffusion, gen, False), "diffusion-fixed": (run_diffusion, fixed, False),
                 "ar": (run_ar, gen, False), "diffusion+c": (run_diffusion, gen, True), "ar+c": (run_ar, gen, True)}

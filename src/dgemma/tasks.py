@@ -9,6 +9,10 @@ generator and scores an answer exactly, so a model can be fine-tuned on them and
 | `sort` | Sort: 42 7 19 3 | 3 7 19 42 | no |
 | `add` | Add: 47+385 | 432 | no |
 | `fill` | Fill the gap: 3 7 _ 15 19 | 11 (later terms inform the gap) | no |
+| `json_get` | Get city from JSON: {"name":"Tom","city":"Rome"} | Rome | no |
+
+`json_get` (read one field of a JSON object) is kept out of the bundled model's training mix (`SHOWCASE`): the
+fine-tuning demo (bench/finetune_demo.py) teaches it with a LoRA adapter.
 
 Every scorer is exact match after stripping surrounding whitespace. Train and held-out prompts are disjoint by
 construction (a hash of the prompt decides its split).
@@ -43,6 +47,7 @@ class Family:
     name: str
     make: Callable[[random.Random], tuple[str, str]]
     structured: bool  # the answer is a structure (JSON, a table) rather than a value
+    showcase: bool = True  # part of the bundled model's training mix (bench/showcase.py)
 
 
 def _record(rng: random.Random) -> dict:
@@ -96,10 +101,18 @@ def _fill(rng: random.Random) -> tuple[str, str]:
     return "Fill the gap: " + " ".join(shown), str(terms[gap])
 
 
+def _json_get(rng: random.Random) -> tuple[str, str]:
+    record = _record(rng)
+    key = rng.choice(list(record))
+    return f"Get {key} from JSON: " + json.dumps(record, separators=(",", ":")), str(record[key])
+
+
 FAMILIES = {f.name: f for f in (
     Family("kv_json", _kv_json, True), Family("table", _table, True), Family("fix_json", _fix_json, True),
     Family("sort", _sort, False), Family("add", _add, False), Family("fill", _fill, False),
+    Family("json_get", _json_get, False, showcase=False),
 )}
+SHOWCASE = [name for name, f in FAMILIES.items() if f.showcase]  # the families of the bundled model's mix
 
 
 def examples(family: str, n: int, split: str, seed: int = 0) -> list[Example]:
