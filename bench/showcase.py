@@ -11,7 +11,8 @@
 - `diffusion+c`, `ar+c`: each with a structured-output constraint matching the family's format;
 and reports accuracy (exact match), validity (structured families), empty or cut answers, tokens per forward,
 steps per canvas and tokens/s (requests one at a time, so the speeds compare decoding, not batching). Free text:
-the share of dictionary words (the `english-words` package's web2 list) over 50 generations from varied prompts.
+the share of dictionary words (the `english-words` package's web2 list, `pip install -e .[bench]`) over 50
+generations from varied prompts.
 """
 
 from __future__ import annotations
