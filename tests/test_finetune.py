@@ -177,10 +177,15 @@ def test_adapter_at_inference_equals_the_merged_model(base, tmp_path):
 
 def test_full_finetune_writes_a_checkpoint_and_refuses_bad_settings(base, tmp_path):
     data = _write(tmp_path / "task.jsonl", _task(16))
-    out = finetune(_cfg(base, tmp_path, data, steps=3, lora_rank=0, lr=1e-4, eval_fraction=0.0))
+    own = tmp_path / "base"  # a base with its own sampler settings, which the result must keep
+    shutil.copytree(base, own)
+    gen = json.loads((own / "generation_config.json").read_text()) if (own / "generation_config.json").exists() else {}
+    (own / "generation_config.json").write_text(json.dumps({**gen, "max_denoising_steps": 7, "t_min": 0.25}))
+    out = finetune(_cfg(own, tmp_path, data, steps=3, lora_rank=0, lr=1e-4, eval_fraction=0.0))
     assert out == tmp_path / "run" / "model"
     model, _ = load_model(out)
     before, _ = load_model(base)
+    assert read_generation_config(out, model.config) == read_generation_config(own, model.config)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
     assert changed and not any(".router." in k for k in changed)  # the router stays frozen
     with pytest.raises(ConfigError, match="--data"):

@@ -255,7 +255,8 @@ def _export(run: _Run, base: Path) -> Path:
     """The result: the adapter files in `out` (each written atomically, the config last) or `out/model`."""
     out = Path(run.cfg.out)
     if run.adapter is None:
-        model_dir = parallel.export_hf_checkpoint(run.model, out / "model", tokenizer_dir=base)
+        gen = read_generation_config(base, run.model.config)  # the base's sampler settings go with its weights
+        model_dir = parallel.export_hf_checkpoint(run.model, out / "model", tokenizer_dir=base, generation_config=gen)
         return model_dir or out / "model"
     if run.env.is_main:
         staging = out / ".tmp-adapter"
