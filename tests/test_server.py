@@ -1,38 +1,17 @@
 """The OpenAI-compatible server, exercised with the official `openai` client against real uvicorn on loopback."""
 
 import asyncio
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from openai_fixtures import LiveServer
 
 from dgemma.config import EngineConfig, ServerConfig
 from dgemma.model.loading import load_model, read_generation_config
 from dgemma.server.api import create_app
 from dgemma.tokenizer import Tokenizer
-
-
-class _Server:
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def _app(path, gen_overrides=None, **server_kw):
@@ -45,7 +24,7 @@ def _app(path, gen_overrides=None, **server_kw):
 
 @pytest.fixture(scope="module")
 def server(checkpoint_with_tokenizer):
-    with _Server(_app(checkpoint_with_tokenizer)) as s:
+    with LiveServer(_app(checkpoint_with_tokenizer)) as s:
         yield s
 
 
@@ -122,7 +101,7 @@ def test_other_client_errors(server, client):
 
 
 def test_auth(checkpoint_with_tokenizer):
-    with _Server(_app(checkpoint_with_tokenizer, api_key="sekrit")) as s:
+    with LiveServer(_app(checkpoint_with_tokenizer, api_key="sekrit")) as s:
         assert httpx.get(s.url + "/health").status_code == 200
         assert httpx.get(s.url + "/v1/models").status_code == 401
         bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
@@ -142,7 +121,7 @@ def test_draft_events_and_metrics(server):
 
 
 def test_disconnect_frees_the_slot(checkpoint_with_tokenizer):
-    with _Server(_app(checkpoint_with_tokenizer, gen_overrides={"eos_token_ids": ()})) as server:
+    with LiveServer(_app(checkpoint_with_tokenizer, gen_overrides={"eos_token_ids": ()})) as server:
         with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                           json={"model": "tiny", "prompt": [2, 9], "max_tokens": 200, "stream": True,
                                 "max_denoising_steps": 200, "confidence_threshold": 0}) as r:
@@ -159,7 +138,7 @@ def test_disconnect_frees_the_slot(checkpoint_with_tokenizer):
 
 def test_load_50_concurrent_streams(checkpoint_with_tokenizer):
     """Bounded load: 50 concurrent streams, a small queue: every request completes or gets a clean 429."""
-    with _Server(_app(checkpoint_with_tokenizer, max_queue=20, max_batch=8)) as s:
+    with LiveServer(_app(checkpoint_with_tokenizer, max_queue=20, max_batch=8)) as s:
         async def one(i, client):
             try:
                 stream = await client.completions.create(model="tiny", prompt=[2, 10 + i], max_tokens=24, seed=i,
@@ -234,7 +213,7 @@ def test_tiny_temperature_is_clamped_not_garbage(client):
 def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(checkpoint_with_tokenizer, monkeypatch):
     from dgemma.server import worker as worker_module
 
-    with _Server(_app(checkpoint_with_tokenizer)) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+    with LiveServer(_app(checkpoint_with_tokenizer)) as s, httpx.Client(base_url=s.url, timeout=60) as http:
         monkeypatch.setattr(worker_module.Job, "final_body", lambda self: 1 / 0)
         body = {"model": "tiny", "prompt": [2, 3], "max_tokens": 4}
         _is_openai_error(http.post("/v1/completions", json=body), 500)
@@ -253,7 +232,7 @@ def test_a_request_failing_in_the_engine_fails_alone(checkpoint_with_tokenizer, 
         return original(self, rows, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_step_rows", step_rows)
-    with _Server(_app(checkpoint_with_tokenizer)) as s:
+    with LiveServer(_app(checkpoint_with_tokenizer)) as s:
         good = dict(model="tiny", prompt=[2, 50, 51], max_tokens=40, seed=7)
         alone = httpx.post(s.url + "/v1/completions", json=good, timeout=60).json()["choices"][0]["text"]
 
