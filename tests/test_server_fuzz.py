@@ -12,8 +12,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai_fixtures import gemma4_checkpoint
-from test_server import _app, _Server
+from openai_fixtures import LiveServer, gemma4_checkpoint
+from test_server import _app
 
 SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udc80\ud800"])
 TEXT = st.one_of(st.text(max_size=12), SURROGATES)
@@ -133,7 +133,7 @@ def tools_checkpoint(hf_checkpoint, tmp_path_factory):
 def test_fuzzed_requests_never_5xx_and_never_disturb_good_streams(tools_checkpoint, request):
     n = request.config.getoption("--fuzz-requests")
     app = _app(tools_checkpoint, gen_overrides={"eos_token_ids": ()}, max_queue=256, max_context=512)
-    with _Server(app) as server:
+    with LiveServer(app) as server:
         with httpx.Client(base_url=server.url, timeout=120) as http:
             expected, _ = _stream_text(http, GOOD)  # alone, before any other traffic
         done, good_runs, disturbed = threading.Event(), [], []

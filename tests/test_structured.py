@@ -138,9 +138,10 @@ def test_no_constraint_leaves_the_sampler_unchanged(setup):
 # -- server ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(checkpoint_with_tokenizer):
-    from test_server import _app, _Server
+    from openai_fixtures import LiveServer
+    from test_server import _app
 
-    with _Server(_app(checkpoint_with_tokenizer)) as s:
+    with LiveServer(_app(checkpoint_with_tokenizer)) as s:
         yield s
 
 
