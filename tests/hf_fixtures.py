@@ -71,3 +71,26 @@ def save_hf_checkpoint(model, directory: Path, eos=(1,), pad=0, max_shard_size: 
     gen.update(generation or {})
     (directory / "generation_config.json").write_text(json.dumps(gen))
     return directory
+
+
+def add_bpe_tokenizer(src: Path, out: Path, corpus: list[str], specials: list[str], vocab_size: int,
+                      chat_template: str) -> Path:
+    """Copy the checkpoint at `src` to `out` with a byte-level BPE tokenizer trained on `corpus` (every byte is a
+    token, as in real byte-level vocabularies; `specials` first, in order) and `chat_template`."""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() <= BASE_TEXT["vocab_size"]
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "chat_template": chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out

@@ -1,14 +1,11 @@
 """Shared pieces of the tests/test_openai_*.py files: a tiny checkpoint whose tokenizer has Gemma 4's format markers as
 special tokens and the bundled chat template (tools in Gemma 4's format), a live server, tool definitions."""
 
-import json
-import shutil
 import threading
 import time
 
 import uvicorn
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from hf_fixtures import add_bpe_tokenizer
 
 from dgemma.config import EngineConfig, ServerConfig
 from dgemma.model.loading import load_model, read_generation_config
@@ -40,19 +37,7 @@ def gemma4_checkpoint(hf_checkpoint, tmp_path_factory, name="gemma4_tok"):
     """The tiny random checkpoint with a byte-level BPE tokenizer whose specials include Gemma 4's markers, and the
     bundled (Gemma 4-format) chat template; end ids <eos> and <turn|>."""
     _, path = hf_checkpoint("base", eos=(1, 5))
-    out = tmp_path_factory.mktemp(name)
-    shutil.copytree(path, out, dirs_exist_ok=True)
-    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=360, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    assert tok.get_vocab_size() <= 384
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return out
+    return add_bpe_tokenizer(path, tmp_path_factory.mktemp(name), CORPUS, SPECIALS, 360, CHAT_TEMPLATE)
 
 
 class LiveServer:
