@@ -7,6 +7,7 @@ scales, per-expert scales, layer scalars) is randomised too, so that each of the
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -77,8 +78,6 @@ def add_bpe_tokenizer(src: Path, out: Path, corpus: list[str], specials: list[st
                       chat_template: str) -> Path:
     """Copy the checkpoint at `src` to `out` with a byte-level BPE tokenizer trained on `corpus` (every byte is a
     token, as in real byte-level vocabularies; `specials` first, in order) and `chat_template`."""
-    import shutil
-
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
