@@ -60,9 +60,9 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
-def make_app(path, steps=4, name="tiny", **server_kw):
+def make_app(path, steps=4, name="tiny", gen_overrides=None, **server_kw):
     model, _ = load_model(path)
-    gen = read_generation_config(path, model.config).replace(max_denoising_steps=steps)
+    gen = read_generation_config(path, model.config).replace(max_denoising_steps=steps, **(gen_overrides or {}))
     engine_kw = {k: server_kw.pop(k) for k in ("max_batch", "max_context") if k in server_kw}
     return create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(served_model_name=name, **server_kw),
                       EngineConfig(**{"max_batch": 4, "max_context": 512, **engine_kw}))

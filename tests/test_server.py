@@ -6,20 +6,11 @@ import time
 import httpx
 import openai
 import pytest
-from openai_fixtures import LiveServer
-
-from dgemma.config import EngineConfig, ServerConfig
-from dgemma.model.loading import load_model, read_generation_config
-from dgemma.server.api import create_app
-from dgemma.tokenizer import Tokenizer
+from openai_fixtures import LiveServer, make_app
 
 
-def _app(path, gen_overrides=None, **server_kw):
-    model, _ = load_model(path)
-    gen = read_generation_config(path, model.config).replace(max_denoising_steps=4, **(gen_overrides or {}))
-    engine_kw = {k: server_kw.pop(k) for k in ("max_batch", "max_context") if k in server_kw}
-    return create_app(model, Tokenizer.from_directory(path), gen, ServerConfig(served_model_name="tiny", **server_kw),
-                      EngineConfig(**{"max_batch": 4, "max_context": 256, **engine_kw}))
+def _app(path, **kw):
+    return make_app(path, **{"max_context": 256, **kw})
 
 
 @pytest.fixture(scope="module")
