@@ -135,10 +135,29 @@ def summarise(rows: list[dict]) -> dict:
     n = len(rows)
     valid = [r["valid"] for r in rows if r["valid"] is not None]
     tokens, nfe, seconds = sum(r["tokens"] for r in rows), sum(r["nfe"] for r in rows), sum(r["seconds"] for r in rows)
+    canvases = sum(r["canvases"] for r in rows)
     return {"n": n, "accuracy": sum(r["correct"] for r in rows) / n,
             "validity": sum(valid) / len(valid) if valid else None,
             "empty_or_cut": sum(r["empty_or_cut"] for r in rows) / n, "tokens_per_forward": tokens / max(1, nfe),
-            "steps_per_canvas": nfe / max(1, sum(r["canvases"] for r in rows)), "tokens_per_s": tokens / seconds}
+            "steps_per_canvas": nfe / max(1, canvases), "tokens_per_s": tokens / seconds,
+            "tokens": tokens, "nfe": nfe, "canvases": canvases, "seconds": seconds}
+
+
+def suite(families: dict) -> dict:
+    """Per mode, the whole task suite as one workload: mean accuracy over the families, and tokens per forward,
+    steps per canvas and tokens/s over the summed tokens, forwards and seconds of every request."""
+    out: dict = {}
+    for modes in families.values():
+        for mode, s in modes.items():
+            t = out.setdefault(mode, {"families": 0, "accuracy": 0.0, "tokens": 0, "nfe": 0, "canvases": 0,
+                                      "seconds": 0.0})
+            t["families"] += 1
+            for k in ("accuracy", "tokens", "nfe", "canvases", "seconds"):
+                t[k] += s[k]
+    for t in out.values():
+        t.update(accuracy=t["accuracy"] / t["families"], tokens_per_forward=t["tokens"] / max(1, t["nfe"]),
+                 steps_per_canvas=t["nfe"] / max(1, t["canvases"]), tokens_per_s=t["tokens"] / t["seconds"])
+    return out
 
 
 def dictionary_share(model, tok, gen, n: int = 50) -> dict:
@@ -182,6 +201,7 @@ def cmd_eval(args) -> None:
             s = results["families"][family][mode]
             print(f"{family:9s} {mode:15s} acc {s['accuracy']:.2f} tok/fwd {s['tokens_per_forward']:.2f} "
                   f"steps/canvas {s['steps_per_canvas']:.1f} tok/s {s['tokens_per_s']:.0f}", file=sys.stderr)
+    results["suite"] = suite(results["families"])
     results["free_text"] = dictionary_share(model, tok, gen)
     print(markdown(results))
     if args.out:
@@ -197,10 +217,32 @@ def markdown(results: dict) -> str:
             spc = "-" if mode.startswith("ar") else f"{s['steps_per_canvas']:.1f}"
             lines.append(f"| {family} | {mode} | {100 * s['accuracy']:.0f}% | {valid} | {100 * s['empty_or_cut']:.0f}% "
                          f"| {s['tokens_per_forward']:.2f} | {spc} | {s['tokens_per_s']:.0f} |")
+    for mode, t in results["suite"].items():
+        spc = "-" if mode.startswith("ar") else f"{t['steps_per_canvas']:.1f}"
+        lines.append(f"| **suite** | {mode} | {100 * t['accuracy']:.0f}% | | | {t['tokens_per_forward']:.2f} | {spc} "
+                     f"| {t['tokens_per_s']:.0f} |")
+    lines += ["", *targets(results)]
     ft = results["free_text"]
     lines.append(f"\nFree text: {100 * ft['dictionary_share']:.1f}% dictionary words ({ft['words']} words, "
                  f"{ft['generations']} generations).")
     return "\n".join(lines)
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets, read off this run: families where diffusion is at least as accurate as AR decoding of
+    the same weights (and where it is better), and the suite's tokens per forward and diffusion/AR tokens/s."""
+    fam, st = results["families"], results["suite"]
+    lines = []
+    if all("diffusion" in m and "ar" in m for m in fam.values()):
+        tie = [f for f, m in fam.items() if m["diffusion"]["accuracy"] >= m["ar"]["accuracy"]]
+        better = [f for f, m in fam.items() if m["diffusion"]["accuracy"] > m["ar"]["accuracy"]]
+        lines.append(f"Diffusion at least as accurate as AR: {len(tie)} families ({', '.join(tie) or 'none'}); "
+                     f"more accurate: {', '.join(better) or 'none'}.")
+    if "diffusion" in st and "ar" in st:
+        d, a = st["diffusion"], st["ar"]
+        lines.append(f"Suite: diffusion {d['tokens_per_forward']:.2f} tokens/forward, {d['tokens_per_s']:.0f} vs "
+                     f"{a['tokens_per_s']:.0f} tokens/s for AR ({d['tokens_per_s'] / a['tokens_per_s']:.2f}x).")
+    return lines
 
 
 def main() -> None:
