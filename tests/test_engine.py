@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from model_fixtures import perturbed_model
 
 from dgemma.config import EngineConfig, GenerationConfig
 from dgemma.engine import rng
@@ -17,10 +18,7 @@ from dgemma.sampler.reference import generate
 
 
 def _model(seed=0, **kw):
-    model = random_model(preset_config("tiny", **kw), seed=seed)
-    for p in model.parameters():  # break the symmetric init so every weight matters
-        p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_model(seed, **kw)
 
 
 @pytest.mark.parametrize("prompt_lens,commits", [([5], 0), ([40], 2), ([3, 30, 17], 1)])

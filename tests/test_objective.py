@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from model_fixtures import perturbed_model
 
 from dgemma.model.init import preset_config, random_model
 from dgemma.train.objective import Batch, corrupt, decoder_mask, encoder_mask, joint_forward, objective
@@ -42,9 +43,7 @@ def test_encoder_mask_is_causal_and_windowed():
 
 def test_joint_pass_equals_inference_path():
     config = preset_config("tiny", canvas_length=4, sliding_window=6)
-    model = random_model(config, seed=1)
-    for p in model.parameters():
-        p.add_(0.05 * torch.randn_like(p))
+    model = perturbed_model(1, canvas_length=4, sliding_window=6)
     prompt = torch.tensor([5, 6, 7, 8, 9])
     response = torch.tensor([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21])  # 3 canvases
     clean = torch.cat([prompt, response])[None]

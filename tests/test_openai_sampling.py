@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from model_fixtures import perturbed_model
 
 from dgemma.config import EngineConfig, GenerationConfig
 from dgemma.engine import engine as engine_module
 from dgemma.engine.engine import Engine, GenerationRequest, derive_seed
 from dgemma.engine.sampler import fused_sample
 from dgemma.engine.weights import Linear
-from dgemma.model.init import preset_config, random_model
 from dgemma.model.loading import load_model
 from dgemma.sampler.entropy_bound import apply_processor, temperature, token_entropy
 from dgemma.sampler.filters import filter_logits, filter_processor
@@ -19,10 +19,7 @@ from dgemma.sampler.reference import generate
 
 
 def _model(seed=0, **kw):
-    model = random_model(preset_config("tiny", **kw), seed=seed)
-    for p in model.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_model(seed, **kw)
 
 
 def _brute_force_keep(x: list[float], top_k: int, top_p: float, min_p: float) -> list[bool]:

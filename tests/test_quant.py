@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from model_fixtures import perturbed_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -27,10 +28,7 @@ COMPRESSED = (torch.float8_e4m3fn, torch.uint8)
 
 
 def _model(seed=0, **kw):
-    model = random_model(preset_config("tiny", **kw), seed=seed)
-    for p in model.parameters():  # break the symmetric init so every weight matters
-        p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_model(seed, **kw)
 
 
 @pytest.fixture(scope="module")
