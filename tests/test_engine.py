@@ -17,13 +17,9 @@ from dgemma.sampler.entropy_bound import accept_mask, token_entropy
 from dgemma.sampler.reference import generate
 
 
-def _model(seed=0, **kw):
-    return perturbed_model(seed, **kw)
-
-
 @pytest.mark.parametrize("prompt_lens,commits", [([5], 0), ([40], 2), ([3, 30, 17], 1)])
 def test_runner_matches_reference_forward(prompt_lens, commits):
-    model = _model(sliding_window=12, canvas_length=8)
+    model = perturbed_model(sliding_window=12, canvas_length=8)
     c, v = 8, model.config.vocab_size
     cache = StaticKVCache(model.config, len(prompt_lens), 256, "cpu", torch.float32)
     refs, canvases, scs = [], [], []
@@ -48,7 +44,7 @@ def test_runner_matches_reference_forward(prompt_lens, commits):
 
 
 def test_fused_sampler_matches_reference_pieces():
-    model = _model()
+    model = perturbed_model()
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 32, 64, generator=g) * 2
     temps = torch.tensor([0.8, 0.45])
@@ -87,7 +83,7 @@ def test_rng_streams_are_uniform_and_independent():
 
 
 def test_batch_invariance_and_exact_lengths():
-    model = _model(seed=3)
+    model = perturbed_model(seed=3)
     gen = GenerationConfig(max_new_tokens=45, max_denoising_steps=5, eos_token_ids=())
     prompts = [[2, 5, 6], list(range(3, 40)), [2, 9]]
     alone = [Engine(model, EngineConfig(max_batch=1, max_context=512)).generate([p], gen, [11 + i])[0]
@@ -131,7 +127,7 @@ def test_same_logits_same_tokens_steps_and_eos(hf_checkpoint, monkeypatch):
 
 
 def test_engine_eos_cancel_and_validation():
-    model = _model(seed=4)
+    model = perturbed_model(seed=4)
     engine = Engine(model, EngineConfig(max_batch=2, max_context=128))
     gen = GenerationConfig(max_new_tokens=64, max_denoising_steps=3, eos_token_ids=tuple(range(3, 400)))
     req = engine.generate([[2, 7]], gen, [0])[0]
@@ -208,8 +204,8 @@ def test_compiled_forward_matches_eager():
             # fp32, fused kernels: equal up to rare near-ties
             assert sum(x == y for x, y in zip(a.output, b.output, strict=True)) >= 0.95 * len(a.output)
 
-    check(model := _model(seed=8), Engine(model, EngineConfig(max_batch=2, max_context=256, compile=True)))
-    other = _model(seed=9)
+    check(model := perturbed_model(seed=8), Engine(model, EngineConfig(max_batch=2, max_context=256, compile=True)))
+    other = perturbed_model(seed=9)
     for layer in other.stack.layers:  # a constant held only by modules (their guards are skipped)
         layer.post_feedforward_layernorm.eps = 100.0
     engine = Engine(other, EngineConfig(max_batch=2, max_context=256, compile=True))
@@ -254,7 +250,7 @@ def test_static_shape_forward_matches_dynamic():
     from dgemma.engine.forward import denoise, masked_inputs
     from dgemma.engine.weights import pack_weights
 
-    model = _model(seed=9, sliding_window=12, canvas_length=8)
+    model = perturbed_model(seed=9, sliding_window=12, canvas_length=8)
     cache = StaticKVCache(model.config, 4, 128, "cpu", torch.float32)
     g = torch.Generator().manual_seed(3)
     for row, n in enumerate([5, 30, 11]):
@@ -277,7 +273,7 @@ def test_whole_step_graph_body_generates_as_the_eager_engine():
     with requests of different lengths joining and leaving (batch 3 -> bucket 4, then 2, then 1)."""
     from dgemma.engine.graphs import GraphRunner
 
-    model = _model(seed=12, sliding_window=12, canvas_length=8)
+    model = perturbed_model(seed=12, sliding_window=12, canvas_length=8)
     prompts = [[2, 5, 6], [2, 9], [2, 7, 7, 7, 3], [2, 4]]
     lengths = [30, 9, 17, 12]
 
@@ -309,7 +305,7 @@ def test_packed_weights_leave_the_model_as_it_is_and_follow_its_changes(tmp_path
     from dgemma.engine.weights import pack_weights
     from dgemma.model.loading import save_model
 
-    model = _model(seed=11)
+    model = perturbed_model(seed=11)
     params = {k: (p, p.data_ptr(), p.is_contiguous()) for k, p in model.named_parameters()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     w = pack_weights(model)
@@ -366,7 +362,7 @@ def test_canvas_commit_pass_matches_encode_row(window, canvas, prompt):
     from dgemma.engine.forward import encode_canvas
     from dgemma.engine.weights import pack_weights
 
-    model = _model(sliding_window=window, canvas_length=canvas)
+    model = perturbed_model(sliding_window=window, canvas_length=canvas)
     fw = pack_weights(model)
     caches = [StaticKVCache(model.config, 2, 256, "cpu", torch.float32) for _ in range(2)]
     g = torch.Generator().manual_seed(window)
@@ -449,7 +445,7 @@ def test_masked_forward_and_advance_match_the_eager_step(monkeypatch, compile_fo
     from dgemma.engine.forward import masked_inputs
     from dgemma.engine.step import masked_step, update_state
 
-    model = _model(seed=12, sliding_window=12, canvas_length=8)
+    model = perturbed_model(seed=12, sliding_window=12, canvas_length=8)
     gen = GenerationConfig(max_new_tokens=16, max_denoising_steps=4, eos_token_ids=())
     engine = Engine(model, EngineConfig(max_batch=3, max_context=128))
     for i, n in enumerate([3, 20, 9]):
@@ -476,7 +472,7 @@ def test_masked_forward_and_advance_match_the_eager_step(monkeypatch, compile_fo
 
 
 def test_warm_up_leaves_an_idle_engine_that_generates_as_a_fresh_one():
-    model = _model(seed=13)
+    model = perturbed_model(seed=13)
     gen = GenerationConfig(max_new_tokens=20, max_denoising_steps=4, eos_token_ids=())
     warmed = Engine(model, EngineConfig(max_batch=2, max_context=128))
     warmed.warm_up()
@@ -556,7 +552,7 @@ def _poison(monkeypatch, seed):
 
 
 def test_a_failing_row_fails_alone_and_the_others_are_unchanged(monkeypatch):
-    model = _model(seed=21)
+    model = perturbed_model(seed=21)
     gen = GenerationConfig(max_new_tokens=40, max_denoising_steps=4, eos_token_ids=())
     prompts, seeds = [[2, 5, 6], list(range(3, 30)), [2, 9], [4, 4, 4]], [11, 666, 13, 14]
     alone = {s: Engine(model, EngineConfig(max_batch=1, max_context=256)).generate([p], gen, [s])[0].output
@@ -581,7 +577,7 @@ def test_a_failing_row_fails_alone_and_the_others_are_unchanged(monkeypatch):
 def test_callback_and_prefill_failures_fail_their_request_only(monkeypatch):
     import dgemma.engine.engine as engine_module
 
-    model = _model(seed=22)
+    model = perturbed_model(seed=22)
     gen = GenerationConfig(max_new_tokens=40, max_denoising_steps=3, eos_token_ids=())
     ref = Engine(model, EngineConfig(max_batch=1, max_context=256)).generate([[2, 3]], gen, [5])[0].output
 
@@ -616,7 +612,7 @@ def test_callback_and_prefill_failures_fail_their_request_only(monkeypatch):
 def test_bad_requests_are_refused_at_submit(change, message):
     from dgemma.config import ConfigError
 
-    model = _model(seed=23)
+    model = perturbed_model(seed=23)
     engine = Engine(model, EngineConfig(max_batch=2, max_context=256))
     kw = dict(prompt=[2, 3], gen=GenerationConfig(max_new_tokens=8, eos_token_ids=()), seed=1) | change
     with pytest.raises(ConfigError, match=message):
@@ -649,7 +645,7 @@ def test_logits_processor_hook_is_the_same_in_both_samplers():
     changes nothing."""
     from dgemma.sampler.entropy_bound import apply_processor
 
-    model = _model()
+    model = perturbed_model()
     embed = model.stack.embed_tokens.weight
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(2, 32, 64, generator=g) * 2

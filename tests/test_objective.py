@@ -42,8 +42,8 @@ def test_encoder_mask_is_causal_and_windowed():
 
 
 def test_joint_pass_equals_inference_path():
-    config = preset_config("tiny", canvas_length=4, sliding_window=6)
     model = perturbed_model(1, canvas_length=4, sliding_window=6)
+    config = model.config
     prompt = torch.tensor([5, 6, 7, 8, 9])
     response = torch.tensor([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21])  # 3 canvases
     clean = torch.cat([prompt, response])[None]

@@ -18,10 +18,6 @@ from dgemma.sampler.filters import filter_logits, filter_processor
 from dgemma.sampler.reference import generate
 
 
-def _model(seed=0, **kw):
-    return perturbed_model(seed, **kw)
-
-
 def _brute_force_keep(x: list[float], top_k: int, top_p: float, min_p: float) -> list[bool]:
     """The three rules of sampler/filters.py read literally, one token at a time, in float64."""
     finite = [v for v in x if v != -math.inf]
@@ -88,7 +84,7 @@ def test_filter_settings_out_of_range_are_refused(bad):
 def test_fused_sampler_with_filters_equals_the_reference_pieces():
     """The engine's sampler with the filters as its processor: argmax, entropy and soft input are those of the
     filtered reference logits, and every sample is a kept token."""
-    model = _model()
+    model = perturbed_model()
     embed = model.stack.embed_tokens.weight
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(2, 32, 64, generator=g) * 2
@@ -181,7 +177,7 @@ def test_logprobs_are_those_of_the_last_processed_distribution(hf_checkpoint, mo
 
 def test_rows_with_options_leave_the_others_unchanged_and_are_batch_invariant():
     """A batch mixing a plain row, a filtered row and a logprobs row: each row's tokens are its lone run's."""
-    model = _model(seed=3)
+    model = perturbed_model(seed=3)
     base = GenerationConfig(max_new_tokens=40, max_denoising_steps=4, eos_token_ids=())
     variants = [dict(gen=base), dict(gen=base.replace(top_p=0.7, top_k=20)), dict(gen=base, logprobs=2)]
     prompts = [[2, 5, 6], list(range(3, 20)), [2, 9]]
@@ -206,7 +202,7 @@ def test_rows_with_options_leave_the_others_unchanged_and_are_batch_invariant():
 
 
 def test_n_choices_share_one_prefill_and_each_is_its_lone_run(monkeypatch):
-    model = _model(seed=5)
+    model = perturbed_model(seed=5)
     gen = GenerationConfig(max_new_tokens=30, max_denoising_steps=3, eos_token_ids=())
     prompt = list(range(2, 30))
     prefills = []

@@ -27,16 +27,12 @@ SCHEMES = ("fp8", "nvfp4")
 COMPRESSED = (torch.float8_e4m3fn, torch.uint8)
 
 
-def _model(seed=0, **kw):
-    return perturbed_model(seed, **kw)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A plain fp32 tiny checkpoint and its FP8 and NVFP4 versions written by `dgemma quantize`."""
     root = tmp_path_factory.mktemp("quant")
     torch.manual_seed(0)
-    save_model(_model(), root / "plain")
+    save_model(perturbed_model(), root / "plain")
     for scheme in SCHEMES:
         assert main(["quantize", "--model", str(root / "plain"), "--scheme", scheme, "--out", str(root / scheme)]) == 0
     return root
@@ -211,7 +207,7 @@ def test_fast_path_matches_the_dequantizing_reference(monkeypatch, scheme, layou
     if layout == "unpacked":
         monkeypatch.setattr(engine_weights, "PACK_LIMIT", 0)
     monkeypatch.setattr(QuantGroupedExperts, "CHUNK_BYTES", 40_000)  # several chunks of experts
-    plain = _model(seed=1, num_experts=experts, canvas_length=16)
+    plain = perturbed_model(seed=1, num_experts=experts, canvas_length=16)
     model = quantize_model(plain, scheme)
     kind = QuantDenseExperts if layout == "dense" else QuantGroupedExperts
     assert isinstance(pack_weights(model).layers[0].experts, kind)

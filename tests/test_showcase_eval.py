@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dgemma import tasks
 from dgemma.bundled import bundled_model_dir
@@ -18,7 +17,6 @@ import showcase  # noqa: E402
 
 @pytest.fixture(scope="module")
 def bundled():
-    torch.set_num_threads(2)
     path = bundled_model_dir()
     model, _ = load_model(path)
     tok = Tokenizer.from_directory(path)
