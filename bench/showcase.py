@@ -134,30 +134,28 @@ def _row(e, text: str, tokens: int, nfe: int, canvases: int, finish: str, second
 def summarise(rows: list[dict]) -> dict:
     n = len(rows)
     valid = [r["valid"] for r in rows if r["valid"] is not None]
-    tokens, nfe, seconds = sum(r["tokens"] for r in rows), sum(r["nfe"] for r in rows), sum(r["seconds"] for r in rows)
-    canvases = sum(r["canvases"] for r in rows)
+    totals = {k: sum(r[k] for r in rows) for k in ("tokens", "nfe", "canvases", "seconds")}
     return {"n": n, "accuracy": sum(r["correct"] for r in rows) / n,
             "validity": sum(valid) / len(valid) if valid else None,
-            "empty_or_cut": sum(r["empty_or_cut"] for r in rows) / n, "tokens_per_forward": tokens / max(1, nfe),
-            "steps_per_canvas": nfe / max(1, canvases), "tokens_per_s": tokens / seconds,
-            "tokens": tokens, "nfe": nfe, "canvases": canvases, "seconds": seconds}
+            "empty_or_cut": sum(r["empty_or_cut"] for r in rows) / n} | _rates(totals)
+
+
+def _rates(t: dict) -> dict:
+    """The summed tokens, forwards, canvases and seconds, with the rates read off them."""
+    return t | {"tokens_per_forward": t["tokens"] / max(1, t["nfe"]), "steps_per_canvas": t["nfe"] / max(1,
+                t["canvases"]), "tokens_per_s": t["tokens"] / t["seconds"]}
 
 
 def suite(families: dict) -> dict:
     """Per mode, the whole task suite as one workload: mean accuracy over the families, and tokens per forward,
     steps per canvas and tokens/s over the summed tokens, forwards and seconds of every request."""
-    out: dict = {}
+    by_mode: dict = {}
     for modes in families.values():
         for mode, s in modes.items():
-            t = out.setdefault(mode, {"families": 0, "accuracy": 0.0, "tokens": 0, "nfe": 0, "canvases": 0,
-                                      "seconds": 0.0})
-            t["families"] += 1
-            for k in ("accuracy", "tokens", "nfe", "canvases", "seconds"):
-                t[k] += s[k]
-    for t in out.values():
-        t.update(accuracy=t["accuracy"] / t["families"], tokens_per_forward=t["tokens"] / max(1, t["nfe"]),
-                 steps_per_canvas=t["nfe"] / max(1, t["canvases"]), tokens_per_s=t["tokens"] / t["seconds"])
-    return out
+            by_mode.setdefault(mode, []).append(s)
+    return {mode: _rates({k: sum(s[k] for s in ss) for k in ("tokens", "nfe", "canvases", "seconds")})
+            | {"families": len(ss), "accuracy": sum(s["accuracy"] for s in ss) / len(ss)}
+            for mode, ss in by_mode.items()}
 
 
 def dictionary_share(model, tok, gen, n: int = 50) -> dict:
@@ -214,18 +212,19 @@ def markdown(results: dict) -> str:
     for family, modes in results["families"].items():
         for mode, s in modes.items():
             valid = "-" if s["validity"] is None else f"{100 * s['validity']:.0f}%"
-            spc = "-" if mode.startswith("ar") else f"{s['steps_per_canvas']:.1f}"
-            lines.append(f"| {family} | {mode} | {100 * s['accuracy']:.0f}% | {valid} | {100 * s['empty_or_cut']:.0f}% "
-                         f"| {s['tokens_per_forward']:.2f} | {spc} | {s['tokens_per_s']:.0f} |")
-    for mode, t in results["suite"].items():
-        spc = "-" if mode.startswith("ar") else f"{t['steps_per_canvas']:.1f}"
-        lines.append(f"| **suite** | {mode} | {100 * t['accuracy']:.0f}% | | | {t['tokens_per_forward']:.2f} | {spc} "
-                     f"| {t['tokens_per_s']:.0f} |")
+            lines.append(_table_row(family, mode, s, valid, f"{100 * s['empty_or_cut']:.0f}%"))
+    lines += [_table_row("**suite**", mode, t, "", "") for mode, t in results["suite"].items()]
     lines += ["", *targets(results)]
     ft = results["free_text"]
     lines.append(f"\nFree text: {100 * ft['dictionary_share']:.1f}% dictionary words ({ft['words']} words, "
                  f"{ft['generations']} generations).")
     return "\n".join(lines)
+
+
+def _table_row(label: str, mode: str, s: dict, valid: str, cut: str) -> str:
+    spc = "-" if mode.startswith("ar") else f"{s['steps_per_canvas']:.1f}"
+    return (f"| {label} | {mode} | {100 * s['accuracy']:.0f}% | {valid} | {cut} | {s['tokens_per_forward']:.2f} "
+            f"| {spc} | {s['tokens_per_s']:.0f} |")
 
 
 def targets(results: dict) -> list[str]:
