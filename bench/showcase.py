@@ -2,6 +2,7 @@
 
     python bench/showcase.py data --corpus data/corpus --out data/showcase    # the fine-tuning mix (JSONL)
     python bench/showcase.py eval                                            # the bundled model, every mode
+    python bench/showcase.py split-digits --model DIR --out DIR2             # the checkpoint, digits split
     python bench/showcase.py eval --model DIR --per-family 50 --out showcase.json
 
 `eval` runs each family's held-out prompts through:
@@ -56,8 +57,9 @@ def cmd_data(args) -> None:
     model learns the tasks and keeps its free text."""
     rng = random.Random(0)
     rows = []
-    for family in tasks.SHOWCASE:
-        rows += [_chat(e.prompt, e.answer) for e in tasks.examples(family, args.per_family, "train")]
+    counts = {family: args.per_family for family in tasks.SHOWCASE} | _family_counts(args.family or [])
+    for family, n in counts.items():
+        rows += [_chat(e.prompt, e.answer) for e in tasks.examples(family, n, "train")]
     text = Path(args.corpus, "pretrain.train.txt").read_text().replace("\x1e", "")
     for _ in range(args.text):
         start = rng.randrange(0, len(text) - 600)
@@ -69,8 +71,41 @@ def cmd_data(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {out / 'train.jsonl'}: {len(rows)} examples ({args.per_family} per family x "
-          f"{len(tasks.SHOWCASE)}, {args.text} text continuations, {min(args.chat, len(chats))} chat pairs)")
+    print(f"wrote {out / 'train.jsonl'}: {len(rows)} examples ({', '.join(f'{f} {n}' for f, n in counts.items())}; "
+          f"{args.text} text continuations, {min(args.chat, len(chats))} chat pairs)")
+
+
+def _family_counts(pairs: list[str]) -> dict[str, int]:
+    """`--family sort=12000` pairs -> {family: count} (families of `tasks.SHOWCASE`, counts >= 0)."""
+    out = {}
+    for pair in pairs:
+        name, _, count = pair.partition("=")
+        if name not in tasks.SHOWCASE or not count.isdigit():
+            sys.exit(f"--family takes FAMILY=COUNT with FAMILY one of {', '.join(tasks.SHOWCASE)}, got {pair!r}")
+        out[name] = int(count)
+    return out
+
+
+def cmd_split_digits(args) -> None:
+    """A copy of a checkpoint whose tokenizer writes every digit apart (`dgemma.train.data.split_digits`); the
+    vocabulary and weights are unchanged (multi-digit tokens stay in it, unused)."""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from dgemma.train.data import split_digits
+
+    src, out = Path(args.model), Path(args.out)
+    if out.exists():
+        sys.exit(f"{out} exists; pick a new directory")
+    tok = HFTokenizer.from_file(str(src / "tokenizer.json"))
+    split_digits(tok)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tok.save(str(tmp / "tokenizer.json"))
+    tmp.rename(out)
+    print(f"wrote {out}: {src} with digits split ({tok.encode('Sort: 98 56 15').tokens})")
 
 
 def _chat(prompt: str, answer: str) -> dict:
@@ -253,6 +288,11 @@ def main() -> None:
     d.add_argument("--per-family", type=int, default=3000)
     d.add_argument("--text", type=int, default=6000)
     d.add_argument("--chat", type=int, default=3000)
+    d.add_argument("--family", action="append", metavar="FAMILY=COUNT",
+                   help="examples of one family instead of --per-family (repeatable)")
+    sd = sub.add_parser("split-digits")
+    sd.add_argument("--model", required=True)
+    sd.add_argument("--out", required=True)
     e = sub.add_parser("eval")
     e.add_argument("--model", default=None)
     e.add_argument("--per-family", type=int, default=50)
@@ -262,7 +302,7 @@ def main() -> None:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--out", default=None)
     args = p.parse_args()
-    cmd_data(args) if args.command == "data" else cmd_eval(args)
+    {"data": cmd_data, "split-digits": cmd_split_digits, "eval": cmd_eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ import json
 import sqlite3
 import zipfile
 
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from dgemma.bundled import bundled_model_dir
 from dgemma.tokenizer import Tokenizer
-from dgemma.train.data import DOC_SEP, SOURCES, build, train_tokenizer
+from dgemma.train.data import DOC_SEP, SOURCES, build, split_digits, train_tokenizer
 
 
 def _wheels(cache):
@@ -53,3 +57,21 @@ def test_build_is_deterministic_and_split(tmp_path):
     assert [tok.token_to_id(t) for t in ("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>")] == [0, 1, 2, 5, 6]
     ids = tok.encode_chat([{"role": "user", "content": "What is 3?"}])
     assert ids[:2] == [2, 5] and tok.decode(ids).endswith("model\n")
+    pieces = [tok.decode([i]) for i in tok.encode("Genesis 40:12, 2024", add_special_tokens=False)]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("40122024")  # every digit a token of its own
+
+
+@pytest.mark.parametrize("text", ["Sort: 98 56 15 96", "Add: 985+970 = 1955", "| Gina | 87 |", '{"age":79}',
+                                  "And God said, 10,000 men in 1:3.", "no digits at all, unchanged"])
+def test_split_digits_keeps_the_text_and_other_tokens_and_isolates_every_digit(text):
+    before = HFTokenizer.from_file(str(bundled_model_dir() / "tokenizer.json"))
+    after = HFTokenizer.from_file(str(bundled_model_dir() / "tokenizer.json"))
+    split_digits(after)
+    split_digits(after)  # idempotent
+    assert after.get_vocab() == before.get_vocab()
+    old, new = before.encode(text).tokens, after.encode(text).tokens
+    assert after.decode(after.encode(text).ids) == text
+    assert all(len(t) == 1 for t in new if any(c.isdigit() for c in t))
+    assert "".join(new) == "".join(old)  # the same bytes, cut finer
+    assert [t for t in old if not any(c.isdigit() for c in t) and t != "Ġ"] == \
+        [t for t in new if not any(c.isdigit() for c in t) and t != "Ġ"]  # words split as before

@@ -1,8 +1,10 @@
 """bench/showcase.py eval on a slice of the held-out tasks with the bundled model: each mode's summary adds up
 its requests, the suite row adds up the families, and the target lines are read off the same numbers."""
 
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -51,3 +53,35 @@ def test_suite_row_and_targets_add_up_the_families(bundled):
     table = showcase.markdown({"families": families, "suite": suite,
                                "free_text": {"dictionary_share": 0.5, "words": 2, "generations": 1}})
     assert "| **suite** | diffusion |" in table and "| **suite** | ar |" in table
+
+
+def test_split_digits_copies_the_checkpoint_with_a_digit_splitting_tokenizer(tmp_path):
+    out = tmp_path / "split"
+    showcase.cmd_split_digits(SimpleNamespace(model=str(bundled_model_dir()), out=str(out)))
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (bundled_model_dir() / name).read_bytes()
+    before, after = Tokenizer.from_directory(bundled_model_dir()), Tokenizer.from_directory(out)
+    assert after.vocab_size == before.vocab_size
+    ids = after.encode("Sort: 98 56 15", add_special_tokens=False)
+    assert [after.decode([i]) for i in ids][-8:] == ["9", "8", " ", "5", "6", " ", "1", "5"]
+    assert before.encode("Sort: 98 56 15", add_special_tokens=False) != ids
+    with pytest.raises(SystemExit, match="exists"):  # never over an existing directory
+        showcase.cmd_split_digits(SimpleNamespace(model=str(bundled_model_dir()), out=str(out)))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_data_mix_takes_per_family_counts_and_refuses_bad_ones(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "pretrain.train.txt").write_text("And God said, let there be light. " * 40)
+    (corpus / "chat.train.jsonl").write_text('{"prompt": "Hi?", "response": "Hello."}\n' * 3)
+    args = SimpleNamespace(corpus=str(corpus), out=str(tmp_path / "mix"), per_family=2, text=1, chat=1,
+                           family=["sort=5", "add=0"])
+    showcase.cmd_data(args)
+    rows = [json.loads(line) for line in (tmp_path / "mix" / "train.jsonl").read_text().splitlines()]
+    prompts = [r["messages"][0]["content"] for r in rows if "messages" in r]
+    assert sum(p.startswith("Sort:") for p in prompts) == 5 and not any(p.startswith("Add:") for p in prompts)
+    assert sum(p.startswith("Convert to JSON:") for p in prompts) == 2 and len(rows) == 2 * 4 + 5 + 1 + 1
+    for bad in (["nope=3"], ["sort=-1"], ["sort"]):
+        with pytest.raises(SystemExit, match="FAMILY=COUNT"):
+            showcase.cmd_data(SimpleNamespace(**{**vars(args), "family": bad}))
