@@ -192,6 +192,25 @@ def test_full_finetune_writes_a_checkpoint_and_refuses_bad_settings(base, tmp_pa
         finetune(_cfg(base, tmp_path, "", steps=3))
     with pytest.raises(ConfigError, match="fp32 master weights"):
         finetune(_cfg(base, tmp_path, data, steps=3, lora_rank=0, dtype="bfloat16"))
+    with pytest.raises(ConfigError, match="lower_fill_noise"):
+        finetune(_cfg(base, tmp_path, data, steps=3, lower_fill_noise=1.5))
+
+
+def test_lower_fill_noise_reaches_the_training_steps_only(base, tmp_path, monkeypatch):
+    import dgemma.train.objective as objective_module
+
+    calls = []
+    original = objective_module.fill_noise_levels
+
+    def spy(t, answer_lens, r, lower_prob, generator):
+        calls.append((answer_lens.tolist(), lower_prob))
+        return original(t, answer_lens, r, lower_prob, generator)
+
+    monkeypatch.setattr(objective_module, "fill_noise_levels", spy)
+    data = _write(tmp_path / "task.jsonl", _task(16))
+    finetune(_cfg(base, tmp_path, data, steps=2, eval_every=1, lower_fill_noise=0.5))
+    assert len(calls) == 2 and all(p == 0.5 for _, p in calls)  # two steps; the evals use the reference objective
+    assert all(0 < n <= 32 for lens, _ in calls for n in lens)  # answer lengths reached the objective
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")

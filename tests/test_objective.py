@@ -5,7 +5,15 @@ import torch
 from model_fixtures import perturbed_model
 
 from dgemma.model.init import preset_config, random_model
-from dgemma.train.objective import Batch, corrupt, decoder_mask, encoder_mask, joint_forward, objective
+from dgemma.train.objective import (
+    Batch,
+    corrupt,
+    decoder_mask,
+    encoder_mask,
+    fill_noise_levels,
+    joint_forward,
+    objective,
+)
 
 
 def _dense_decoder_mask(prompt_lens, resp_lens, s, r, c, w, sliding):
@@ -72,6 +80,42 @@ def test_corruption_rate():
     assert torch.equal(noisy[0], tokens[0])
     counts = torch.bincount(noisy[3], minlength=1000).float()
     assert counts.std() / counts.mean() < 0.35  # roughly uniform over the vocabulary
+
+
+def test_lower_fill_noise_levels_keep_the_answer_and_lower_only_the_fill():
+    g = torch.Generator().manual_seed(0)
+    b, r = 4000, 8
+    t = torch.rand(b, generator=g)
+    answer_lens = torch.randint(1, r + 1, (b,), generator=g)
+    fill = torch.arange(r)[None] >= answer_lens[:, None]
+    assert torch.equal(fill_noise_levels(t, answer_lens, r, 0.0, g), t[:, None].expand(b, r))  # off: t everywhere
+    levels = fill_noise_levels(t, answer_lens, r, 0.5, g)
+    assert torch.equal(levels[~fill], t[:, None].expand(b, r)[~fill])  # answers keep t
+    lowered = (levels < t[:, None]) & fill
+    rows = lowered.any(1)
+    assert 0.4 < rows.float().mean() < 0.5  # half the rows are drawn (less those without fill or u ~ 1)
+    ratio = levels[rows] / t[rows, None]
+    per_row = [ratio[i][fill[rows][i]] for i in range(int(rows.sum()))]
+    assert all(bool((x == x[0]).all()) for x in per_row)  # one u per row
+    assert 0.45 < float(torch.stack([x[0] for x in per_row]).mean()) < 0.55  # u ~ U(0, 1)
+    # the corruption then follows the levels position by position
+    noisy, replaced = corrupt(torch.zeros(b, r, dtype=torch.long), levels, 1000, g)
+    assert abs(float(replaced[~fill].float().mean() - levels[~fill].mean())) < 0.02
+    assert abs(float(replaced[fill].float().mean() - levels[fill].mean())) < 0.02
+
+
+def test_lower_fill_noise_off_draws_what_the_reference_draws_and_needs_answer_lengths():
+    config = preset_config("tiny", canvas_length=4)
+    model = random_model(config, seed=0)
+    batch = _tiny_batch(config)
+    ref = objective(model, batch, torch.Generator().manual_seed(5), pad_id=0)
+    with_lens = Batch(batch.clean, batch.prompt_lens, batch.resp_lens, answer_lens=torch.tensor([3, 5]))
+    same = objective(model, with_lens, torch.Generator().manual_seed(5), pad_id=0, lower_fill_noise=0.0)
+    assert torch.equal(ref.total, same.total)
+    lowered = objective(model, with_lens, torch.Generator().manual_seed(5), pad_id=0, lower_fill_noise=1.0)
+    assert torch.isfinite(lowered.total) and not torch.equal(lowered.total, ref.total)
+    with pytest.raises(ValueError, match="answer_lens"):
+        objective(model, batch, torch.Generator().manual_seed(5), pad_id=0, lower_fill_noise=1.0)
 
 
 def _tiny_batch(config):

@@ -150,6 +150,8 @@ class FinetuneOptim:
     weight_decay: float = setting(1e-4, "AdamW weight decay of matrices")
     clip: float = setting(1.0, "gradient norm clipping")
     self_cond_prob: float = setting(0.5, "probability of the self-conditioning pass per example")
+    lower_fill_noise: float = setting(0.0, "probability per example that its end-id fill is noised below its answer "
+                                           "(at t * u, u ~ U(0, 1)); 0: the reference objective")
     seed: int = setting(0, "seed of the adapters' initialisation and of every step's random choices")
     train_router: bool = setting(False, "also train the router (frozen by default, as in the released recipe)")
 
@@ -185,8 +187,9 @@ class FinetuneConfig:
                                  ("lora_rank", self.lora.lora_rank, 0)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
-        if not self.optim.lr > 0 or not 0 <= self.data.eval_fraction < 1 or not 0 <= self.optim.self_cond_prob <= 1:
-            raise ConfigError("lr must be > 0, eval_fraction in [0, 1), self_cond_prob in [0, 1]")
+        if not self.optim.lr > 0 or not 0 <= self.data.eval_fraction < 1 or not 0 <= self.optim.self_cond_prob <= 1 \
+                or not 0 <= self.optim.lower_fill_noise <= 1:
+            raise ConfigError("lr must be > 0, eval_fraction in [0, 1), self_cond_prob and lower_fill_noise in [0, 1]")
         if not self.data.data:
             raise ConfigError("--data is required: a JSONL file of training examples")
         for flag in ("data", "eval_data"):

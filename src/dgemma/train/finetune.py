@@ -133,10 +133,12 @@ def _build(cfg: FinetuneConfig, env: parallel.Dist, base: Path) -> _Run:
         module = adapter or sharded
 
         def forward(batch, gen, t=None):
-            return sharded(objective, batch, gen, t=t, always_self_cond_pass=True, **opts)
+            return sharded(objective, batch, gen, t=t, always_self_cond_pass=True, **opts,
+                           lower_fill_noise=0.0 if t is not None else cfg.optim.lower_fill_noise)
     else:
         def forward(batch, gen, t=None):
-            return objective(model, batch, gen, t=t, **opts)
+            return objective(model, batch, gen, t=t, **opts,  # evals (t given): the reference objective
+                             lower_fill_noise=0.0 if t is not None else cfg.optim.lower_fill_noise)
     model.train()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -163,7 +165,7 @@ def _rank_slice(run: _Run, examples: list[SFTExample]) -> Batch:
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     return Batch(*(None if t is None else t.to(device) for t in (batch.clean, batch.prompt_lens, batch.resp_lens,
-                                                                  batch.labels, batch.loss_mask)))
+                                                                  batch.labels, batch.loss_mask, batch.answer_lens)))
 
 
 def _train_step(run: _Run, batches: Batches, step: int) -> tuple[float, int]:

@@ -41,6 +41,8 @@ class Batch:
     # (B, S) bool: the positions whose target counts in the encoder's loss (default: all of prompt + response;
     # SFT: the answers only, so history and prompts stay clean context)
     loss_mask: torch.Tensor | None = None
+    # (B,) long: response positions through the answer's end id (SFT); the rest of the response is end-id fill
+    answer_lens: torch.Tensor | None = None
 
     def response(self, rmax: int, pad_id: int) -> torch.Tensor:
         """(B, R) clean response tokens, left-aligned, padded with pad_id."""
@@ -54,10 +56,10 @@ class Batch:
 
 def corrupt(tokens: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: torch.Generator | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform-state noise: each position of row i is replaced with probability t[i] by a uniform token.
-    Returns (noisy tokens, replaced mask). A replacement may draw the original token."""
+    """Uniform-state noise: each position of row i is replaced with probability t[i] (or t[i, j], per position)
+    by a uniform token. Returns (noisy tokens, replaced mask). A replacement may draw the original token."""
     u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
-    replaced = u < t[:, None]
+    replaced = u < (t[:, None] if t.ndim == 1 else t)
     noise = torch.randint(0, vocab_size, tokens.shape, generator=generator, device=tokens.device)
     return torch.where(replaced, noise, tokens), replaced
 
@@ -144,10 +146,28 @@ class LossParts:
     encoder: torch.Tensor
 
 
+def fill_noise_levels(t: torch.Tensor, answer_lens: torch.Tensor, r: int, lower_prob: float,
+                      generator: torch.Generator) -> torch.Tensor:
+    """(B, R) noise level of each response position (dgemma's `lower_fill_noise`, off in the reference
+    objective): with probability `lower_prob` an example's end-id fill (positions from `answer_lens` on) is noised
+    at t * u, u ~ U(0, 1) drawn per example, instead of t; its answer keeps t. At inference a confidence-ordered
+    sampler settles the easy fill first and then predicts the answer against a clean fill: a state that equal
+    noise levels almost never show a short answer in training (a 2-token answer fully noised beside 30 clean fill
+    positions has probability t^2 (1 - t)^30)."""
+    b, device = t.shape[0], t.device
+    lower = torch.rand(b, generator=generator, device=device) < lower_prob
+    u = torch.rand(b, generator=generator, device=device)
+    fill = torch.arange(r, device=device)[None] >= answer_lens[:, None]
+    return t[:, None] * torch.where(lower[:, None] & fill, u[:, None], 1.0)
+
+
 def objective(model: DiffusionGemma, batch: Batch, generator: torch.Generator, *, pad_id: int,
               self_cond_prob: float = 0.5, t_eps: float = 1e-3, encoder_weight: float = 1.0,
-              t: torch.Tensor | None = None, always_self_cond_pass: bool = False) -> LossParts:
+              t: torch.Tensor | None = None, always_self_cond_pass: bool = False,
+              lower_fill_noise: float = 0.0) -> LossParts:
     """The full training loss for one batch. All randomness comes from `generator` (exact resume).
+    `lower_fill_noise` > 0 needs `batch.answer_lens` (`fill_noise_levels`); 0 draws exactly what the reference
+    objective draws.
 
     Only the chosen canvas of each example goes through the decoder: the loss is taken on it alone and
     canvases do not see each other, so this equals the all-canvas pass restricted to that canvas.
@@ -161,7 +181,12 @@ def objective(model: DiffusionGemma, batch: Batch, generator: torch.Generator, *
     response = batch.response(r, pad_id)
     if t is None:
         t = t_eps + (1 - t_eps) * torch.rand(b, generator=generator, device=device)
-    noisy, _ = corrupt(response, t, cfg.vocab_size, generator)
+    levels = t
+    if lower_fill_noise > 0:
+        if batch.answer_lens is None:
+            raise ValueError("lower_fill_noise needs the answers' lengths (Batch.answer_lens, set by SFT batches)")
+        levels = fill_noise_levels(t, batch.answer_lens, r, lower_fill_noise, generator)
+    noisy, _ = corrupt(response, levels, cfg.vocab_size, generator)
     n_blocks = batch.resp_lens // c
     chosen = (torch.rand(b, generator=generator, device=device) * n_blocks).long()
     use_sc = torch.rand(b, generator=generator, device=device) < self_cond_prob

@@ -224,4 +224,5 @@ def collate(examples: list[SFTExample], pad_id: int) -> Batch:
         clean[i, :e.length] = torch.tensor(e.prompt + e.response)
         mask[i, p:p + e.answer_length] = True
     return Batch(clean=clean, prompt_lens=torch.tensor([len(e.prompt) for e in examples]),
-                 resp_lens=torch.tensor([len(e.response) for e in examples]), labels=clean.clone(), loss_mask=mask)
+                 resp_lens=torch.tensor([len(e.response) for e in examples]), labels=clean.clone(), loss_mask=mask,
+                 answer_lens=torch.tensor([e.answer_length for e in examples]))
