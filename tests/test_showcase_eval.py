@@ -2,6 +2,7 @@
 its requests, the suite row adds up the families, and the target lines are read off the same numbers."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,17 +57,25 @@ def test_suite_row_and_targets_add_up_the_families(bundled):
 
 
 def test_split_digits_copies_the_checkpoint_with_a_digit_splitting_tokenizer(tmp_path):
-    out = tmp_path / "split"
-    showcase.cmd_split_digits(SimpleNamespace(model=str(bundled_model_dir()), out=str(out)))
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+
+    src, out = tmp_path / "merged", tmp_path / "split"
+    shutil.copytree(bundled_model_dir(), src)
+    merged = HFTokenizer.from_file(str(src / "tokenizer.json"))
+    merged.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # a tokenizer from before the split
+    merged.save(str(src / "tokenizer.json"))
+    showcase.cmd_split_digits(SimpleNamespace(model=str(src), out=str(out)))
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"):
-        assert (out / name).read_bytes() == (bundled_model_dir() / name).read_bytes()
-    before, after = Tokenizer.from_directory(bundled_model_dir()), Tokenizer.from_directory(out)
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    before, after = Tokenizer.from_directory(src), Tokenizer.from_directory(out)
     assert after.vocab_size == before.vocab_size
     ids = after.encode("Sort: 98 56 15", add_special_tokens=False)
     assert [after.decode([i]) for i in ids][-8:] == ["9", "8", " ", "5", "6", " ", "1", "5"]
     assert before.encode("Sort: 98 56 15", add_special_tokens=False) != ids
+    assert after.encode("Sort: 98 56 15") == Tokenizer.from_directory(bundled_model_dir()).encode("Sort: 98 56 15")
     with pytest.raises(SystemExit, match="exists"):  # never over an existing directory
-        showcase.cmd_split_digits(SimpleNamespace(model=str(bundled_model_dir()), out=str(out)))
+        showcase.cmd_split_digits(SimpleNamespace(model=str(src), out=str(out)))
     assert not list(tmp_path.glob("*.tmp"))
 
 

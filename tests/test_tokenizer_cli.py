@@ -27,6 +27,21 @@ def test_chat_template_matches_transformers(checkpoint_with_tokenizer):
     assert ours.encode_chat(chats[0])[0] == ours.token_to_id("<bos>")
 
 
+def test_bundled_tokenizer_matches_transformers_with_digits_split():
+    from transformers import AutoTokenizer
+
+    from dgemma.bundled import bundled_model_dir
+
+    ref = AutoTokenizer.from_pretrained(bundled_model_dir())
+    ours = Tokenizer.from_directory(bundled_model_dir())
+    for text in ("Sort: 98 56 15", "Add: 985+970", "| Gina | 87 |", "Genesis 1:3, 10,000 men"):
+        ids = ours.encode(text)
+        assert ids == ref(text)["input_ids"]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == text
+    pieces = [ours.decode([i]) for i in ours.encode("98 56", add_special_tokens=False)]
+    assert pieces == ["9", "8", " ", "5", "6"]
+
+
 def test_cli_json_interface(checkpoint_with_tokenizer, capsys):
     path = checkpoint_with_tokenizer
     argv = ["generate", "--model", str(path), "--prompt-ids", "2,17,99", "--max-new-tokens", "20", "--seed", "3",
