@@ -96,6 +96,8 @@ def cmd_split_digits(args) -> None:
     from dgemma.train.data import split_digits
 
     src, out = Path(args.model), Path(args.out)
+    if not (src / "tokenizer.json").is_file():
+        sys.exit(f"{src} has no tokenizer.json; pass a checkpoint directory")
     if out.exists():
         sys.exit(f"{out} exists; pick a new directory")
     tok = HFTokenizer.from_file(str(src / "tokenizer.json"))

@@ -192,7 +192,7 @@ def test_full_finetune_writes_a_checkpoint_and_refuses_bad_settings(base, tmp_pa
         finetune(_cfg(base, tmp_path, "", steps=3))
     with pytest.raises(ConfigError, match="fp32 master weights"):
         finetune(_cfg(base, tmp_path, data, steps=3, lora_rank=0, dtype="bfloat16"))
-    with pytest.raises(ConfigError, match="lower_fill_noise"):
+    with pytest.raises(ConfigError, match="--lower-fill-noise is a probability"):
         finetune(_cfg(base, tmp_path, data, steps=3, lower_fill_noise=1.5))
 
 

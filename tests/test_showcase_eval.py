@@ -76,7 +76,9 @@ def test_split_digits_copies_the_checkpoint_with_a_digit_splitting_tokenizer(tmp
     assert after.encode("Sort: 98 56 15") == Tokenizer.from_directory(bundled_model_dir()).encode("Sort: 98 56 15")
     with pytest.raises(SystemExit, match="exists"):  # never over an existing directory
         showcase.cmd_split_digits(SimpleNamespace(model=str(src), out=str(out)))
-    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(SystemExit, match="no tokenizer.json"):
+        showcase.cmd_split_digits(SimpleNamespace(model=str(tmp_path / "missing"), out=str(tmp_path / "other")))
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "other").exists()
 
 
 def test_data_mix_takes_per_family_counts_and_refuses_bad_ones(tmp_path):

@@ -187,9 +187,10 @@ class FinetuneConfig:
                                  ("lora_rank", self.lora.lora_rank, 0)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
-        if not self.optim.lr > 0 or not 0 <= self.data.eval_fraction < 1 or not 0 <= self.optim.self_cond_prob <= 1 \
-                or not 0 <= self.optim.lower_fill_noise <= 1:
-            raise ConfigError("lr must be > 0, eval_fraction in [0, 1), self_cond_prob and lower_fill_noise in [0, 1]")
+        if not self.optim.lr > 0 or not 0 <= self.data.eval_fraction < 1 or not 0 <= self.optim.self_cond_prob <= 1:
+            raise ConfigError("lr must be > 0, eval_fraction in [0, 1), self_cond_prob in [0, 1]")
+        if not 0 <= self.optim.lower_fill_noise <= 1:
+            raise ConfigError(f"--lower-fill-noise is a probability in [0, 1], got {self.optim.lower_fill_noise}")
         if not self.data.data:
             raise ConfigError("--data is required: a JSONL file of training examples")
         for flag in ("data", "eval_data"):
