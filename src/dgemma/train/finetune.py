@@ -126,19 +126,21 @@ def _build(cfg: FinetuneConfig, env: parallel.Dist, base: Path) -> _Run:
                 layer.router.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
     module, pad_id = adapter or model, model.config.pad_token_id or 0
-    opts = dict(pad_id=pad_id, self_cond_prob=cfg.optim.self_cond_prob)
+
+    def opts(t):  # evals (t given) use the reference objective
+        return dict(pad_id=pad_id, self_cond_prob=cfg.optim.self_cond_prob, t=t,
+                    lower_fill_noise=0.0 if t is not None else cfg.optim.lower_fill_noise)
+
     if env.mesh is not None:
         sharded = parallel.parallelize(model, env, parallel.ParallelConfig(expert_parallel=cfg.expert_parallel,
                                                                            checkpointing=cfg.checkpointing))
         module = adapter or sharded
 
         def forward(batch, gen, t=None):
-            return sharded(objective, batch, gen, t=t, always_self_cond_pass=True, **opts,
-                           lower_fill_noise=0.0 if t is not None else cfg.optim.lower_fill_noise)
+            return sharded(objective, batch, gen, always_self_cond_pass=True, **opts(t))
     else:
         def forward(batch, gen, t=None):
-            return objective(model, batch, gen, t=t, **opts,  # evals (t given): the reference objective
-                             lower_fill_noise=0.0 if t is not None else cfg.optim.lower_fill_noise)
+            return objective(model, batch, gen, **opts(t))
     model.train()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
